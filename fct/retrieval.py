@@ -1,0 +1,214 @@
+"""Exact retrieval evaluation: query/gallery features in, CMC top-k, mAP and mAP@R out.
+
+Distances come in bounded blocks of queries from one of two exact backends:
+
+- ``torch``: ``|q|^2 + |g|^2 - 2 q.g`` with one GEMM per block, on the CPU or a GPU.
+- ``faiss``: faiss's flat (brute-force) pairwise distances; its GPU routine when the installed
+  faiss has GPU support.
+
+Both give squared L2 distances (the ranking of L2); ``cosine`` L2-normalises first. The
+metrics themselves (fct.metrics) are shared, so the backends differ only in float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fct import metrics
+from fct.errors import FCTError
+
+log = logging.getLogger(__name__)
+
+DISTANCES = ("l2", "cosine")
+BACKENDS = ("torch", "faiss")
+# Per block: the distance rows, their sorted copy and masks, about 16 bytes per entry.
+DEFAULT_BLOCK_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Embeddings with their class labels: ``features`` float32 [N, D], ``labels`` int64 [N]."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    name: str = "features"
+
+    def __post_init__(self) -> None:
+        check_features(self.features, self.labels, self.name)
+
+
+def check_features(features: np.ndarray, labels: np.ndarray, name: str) -> None:
+    """Validate shapes and values; raise FCTError with a one-line fix on bad input."""
+    if features.ndim != 2:
+        raise FCTError(f"{name}: features must be 2-D [N, D], got shape {tuple(features.shape)}; reshape before saving")
+    if labels.ndim != 1:
+        raise FCTError(f"{name}: labels must be 1-D [N], got shape {tuple(labels.shape)}")
+    if len(features) == 0:
+        raise FCTError(f"{name}: the set is empty; it needs at least two items")
+    if len(labels) != len(features):
+        raise FCTError(f"{name}: {len(labels)} labels for {len(features)} feature rows; save one label per row")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise FCTError(f"{name}: features must be floating point, got {features.dtype}; save them as float32")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise FCTError(f"{name}: labels must be integers, got {labels.dtype}; save class ids as int64")
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise FCTError(
+            f"{name}: {int(bad.sum())} rows hold NaN or inf (first: row {int(np.argmax(bad))}); "
+            "fix or drop them before evaluating"
+        )
+
+
+def load_npz(path: str | os.PathLike[str]) -> FeatureSet:
+    """Read an npz holding ``features`` [N, D] and ``labels`` [N]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FCTError(f"{path}: no such file; pass an .npz with arrays 'features' and 'labels'")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("features", "labels") if k not in data.files]
+            if missing:
+                raise FCTError(
+                    f"{path}: missing key {missing[0]!r} (has {sorted(data.files)}); "
+                    "save with np.savez(path, features=..., labels=...)"
+                )
+            features, labels = data["features"], data["labels"]
+    except FCTError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise FCTError(f"{path}: not a readable npz file ({e}); save with np.savez") from e
+    return FeatureSet(np.ascontiguousarray(features, dtype=np.float32) if np.issubdtype(features.dtype, np.floating) else features,
+                      labels, name=str(path))
+
+
+def _prepare(x: np.ndarray, distance: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if distance == "cosine":
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        x = x / np.maximum(norm, 1e-12)
+    return x
+
+
+def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Distinct rows of ``x`` and the index expanding them back (None when all are distinct)."""
+    rows = np.ascontiguousarray(x).view(np.dtype((np.void, x.dtype.itemsize * x.shape[1])))
+    _, first, inverse = np.unique(rows.ravel(), return_index=True, return_inverse=True)
+    if len(first) == len(x):
+        return x, None
+    return x[first], torch.from_numpy(inverse.astype(np.int64))
+
+
+def _faiss_module():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency
+        raise FCTError("the faiss backend needs faiss: pip install faiss-cpu (or .[gpu])") from e
+    return faiss
+
+
+def distance_blocks(
+    query: np.ndarray,
+    gallery: np.ndarray,
+    backend: str = "torch",
+    device: str = "cpu",
+    block_rows: int = 1024,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_query_row, squared L2 distances [b, N] as CPU float32)`` blocks."""
+    if backend == "torch":
+        dev = torch.device(device)
+        g = torch.from_numpy(gallery).to(dev)
+        g_sq = (g * g).sum(1)
+        for s in range(0, len(query), block_rows):
+            q = torch.from_numpy(query[s : s + block_rows]).to(dev)
+            d = torch.addmm(g_sq[None, :], q, g.T, beta=1.0, alpha=-2.0)
+            d += (q * q).sum(1, keepdim=True)
+            yield s, d.clamp_min_(0).to("cpu", torch.float32)
+    elif backend == "faiss":
+        faiss = _faiss_module()
+        gpu = device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        res = faiss.StandardGpuResources() if gpu else None
+        for s in range(0, len(query), block_rows):
+            q = query[s : s + block_rows]
+            if gpu:
+                d = faiss.pairwise_distance_gpu(res, q, gallery, metric=faiss.METRIC_L2)
+            else:
+                d = faiss.pairwise_distances(q, gallery, metric=faiss.METRIC_L2)
+            yield s, torch.from_numpy(np.maximum(d, 0, dtype=np.float32))
+    else:
+        raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+def evaluate(
+    query: FeatureSet,
+    gallery: FeatureSet | None = None,
+    *,
+    paired: bool = False,
+    distance: str = "l2",
+    backend: str = "torch",
+    device: str = "cpu",
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: bool = False,
+) -> dict[str, float | int | str]:
+    """Evaluate retrieval of ``query`` against ``gallery``.
+
+    Without a gallery the query set is its own gallery, leave-one-out. ``paired`` says query i
+    and gallery i are the same item encoded by two models (the cross-model case): each query's
+    own gallery entry is excluded, as in leave-one-out. Returns top1, top5, mAP, mAP@R (percent),
+    n_query (queries scored), n_skipped (queries with no same-class item in the gallery, left out
+    of every metric), n_gallery, distance and backend.
+    """
+    if distance not in DISTANCES:
+        raise FCTError(f"unknown distance '{distance}'; choose one of {', '.join(DISTANCES)}")
+    if backend not in BACKENDS:
+        raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    self_pairs = gallery is None or paired
+    if gallery is None:
+        gallery = query
+    if query.features.shape[1] != gallery.features.shape[1]:
+        raise FCTError(
+            f"feature size differs: query {query.features.shape[1]}-d, gallery "
+            f"{gallery.features.shape[1]}-d; both sets must come from one embedding space"
+        )
+    if paired and (len(query.labels) != len(gallery.labels) or not np.array_equal(query.labels, gallery.labels)):
+        raise FCTError(
+            "--paired needs the same items in the same order in query and gallery "
+            f"({len(query.labels)} vs {len(gallery.labels)} items, or labels differ); drop --paired for unrelated sets"
+        )
+    q = _prepare(query.features, distance)
+    g = _prepare(gallery.features, distance)
+    index = metrics.GalleryIndex(gallery.labels)
+    g = g[index.perm]
+    n = len(g)
+    # Exact duplicate gallery vectors must get bit-identical distances, or GEMM rounding (which
+    # differs by column position and by backend) would decide their tie order: compute each
+    # distinct vector once and copy its column.
+    g_unique, expand = _unique_rows(g)
+    # 512-row blocks keep the GEMM output in cache-friendly sizes; fewer when memory is short.
+    block_rows = int(max(1, min(len(q), 512, block_bytes // (16 * n))))
+    results = []
+    blocks = distance_blocks(q, g_unique, backend=backend, device=device, block_rows=block_rows)
+    if expand is not None:
+        blocks = ((s, d[:, expand]) for s, d in blocks)
+    if progress:
+        from tqdm import tqdm
+
+        blocks = tqdm(blocks, total=-(-len(q) // block_rows), desc="evaluate", unit="block", leave=False)
+    for s, d in blocks:
+        e = s + d.shape[0]
+        self_index = np.arange(s, e) if self_pairs else None
+        results.append(metrics.block_metrics(d, query.labels[s:e], self_index, index))
+    out: dict[str, float | int | str] = dict(metrics.summarize(results))
+    if out["n_query"] == 0:
+        raise FCTError(
+            "no query has a same-class item in the gallery, so nothing can be scored; "
+            "check that query and gallery labels use the same class ids"
+        )
+    out.update(n_gallery=n, distance=distance, backend=backend)
+    return out

@@ -1,0 +1,69 @@
+"""Developer and suite sessions.
+
+The heavy sessions (tests, suites, bench) share one virtualenv, ``.nox/fct``: torch alone is
+several GB, so it is built once and reinstalled only when pyproject.toml changes. ``lint`` has
+its own small environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+ENV = ROOT / ".nox" / "fct"
+BIN = ENV / "bin"
+
+
+def _shared_env(session: nox.Session) -> str:
+    """Create or refresh the shared environment; return its python executable."""
+    stamp = ENV / ".fct-stamp"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    python = str(BIN / "python")
+    if not (BIN / "python").exists():
+        session.run(sys.executable, "-m", "venv", str(ENV), external=True)
+        session.run(python, "-m", "pip", "install", "-q", "--upgrade", "pip", external=True)
+    if not stamp.exists() or stamp.read_text() != digest:
+        # torch and torchvision first, pinned to the builds a constraint file may cap us at.
+        session.run(python, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]", external=True)
+        stamp.write_text(digest)
+    return python
+
+
+def _fct(session: nox.Session, *args: str) -> None:
+    python = _shared_env(session)
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    session.run(python, "-m", "fct", *args, external=True, env=env)
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Run the fast CPU test suite (pytest args pass through)."""
+    python = _shared_env(session)
+    session.run(python, "-m", "pytest", *(session.posargs or ["-q"]), external=True)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and format check."""
+    session.install("ruff")
+    session.run("ruff", "check", "fct", "tests", "bench", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "fct", "tests", "bench", "examples", "noxfile.py")
+
+
+@nox.session(venv_backend="none", default=False)
+def bench(session: nox.Session) -> None:
+    """Throughput and metric benchmarks (pytest-benchmark); figures go to results/bench/."""
+    python = _shared_env(session)
+    session.run(
+        python, "-m", "pytest", "bench", "--benchmark-enable", "-p", "no:cacheprovider",
+        "-o", "addopts=", *session.posargs, external=True,
+    )

@@ -1,0 +1,150 @@
+"""Oracle tests: the fast metrics against scikit-learn, pytorch-metric-learning and a
+brute-force per-query loop, on data full of ties and duplicate vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from pytorch_metric_learning.utils.inference import return_results
+from sklearn.metrics import average_precision_score
+
+from fct.retrieval import FeatureSet, evaluate
+
+
+def tie_heavy(n: int, dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small-integer features: many exact distance ties and duplicate vectors, and distances
+    that float32 computes exactly, so every oracle sees the same numbers."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, (n, dim)).astype(np.float32)
+    x[n // 2 : n // 2 + 10] = x[:10]  # exact duplicates at other indices
+    return x, rng.integers(0, classes, n)
+
+
+def brute_force(q, ql, g, gl, exclude_self: bool):
+    """Per-query reference loop: sklearn AP over the full ranking, stable-sorted CMC and AP@R."""
+    d = ((q[:, None, :].astype(np.float64) - g[None, :, :]) ** 2).sum(-1)
+    ap, top1, top5, apr = [], [], [], []
+    for i in range(len(q)):
+        keep = np.ones(len(g), bool)
+        if exclude_self:
+            keep[i] = False
+        rel = (gl == ql[i])[keep]
+        if not rel.any():
+            continue
+        ap.append(average_precision_score(rel, -d[i][keep]))
+        ranked = rel[np.argsort(d[i][keep], kind="stable")]
+        first = int(np.argmax(ranked))
+        top1.append(first < 1)
+        top5.append(first < 5)
+        r = int(rel.sum())
+        head = ranked[:r]
+        apr.append(float((np.cumsum(head) / np.arange(1, r + 1) * head).sum() / r))
+    return {"mAP": 100 * np.mean(ap), "top1": 100 * np.mean(top1), "top5": 100 * np.mean(top5),
+            "mAP@R": 100 * np.mean(apr), "n_query": len(ap)}
+
+
+def stable_knn(query, k, reference, ref_includes_query=False):
+    """kNN for pytorch-metric-learning with our tie rule: ties broken by reference index."""
+    if ref_includes_query:
+        k = k + 1
+    d = torch.cdist(query.double(), reference.double())
+    idx = torch.from_numpy(np.argsort(d.numpy(), axis=1, kind="stable")[:, :k].copy())
+    return return_results(torch.gather(d, 1, idx), idx, ref_includes_query)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_leave_one_out_matches_oracles(seed, backend):
+    x, y = tie_heavy(240, 5, 7, seed)
+    got = evaluate(FeatureSet(x, y), backend=backend)
+    ref = brute_force(x, y, x, y, exclude_self=True)
+    for key in ("mAP", "top1", "top5", "mAP@R"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert got["n_query"] == ref["n_query"]
+
+
+def test_matches_pytorch_metric_learning():
+    x, y = tie_heavy(300, 4, 9, 5)
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
+                              knn_func=stable_knn, device=torch.device("cpu"))
+    pml = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
+    got = evaluate(FeatureSet(x, y))
+    assert got["top1"] == pytest.approx(100 * pml["precision_at_1"], abs=1e-9)
+    assert got["mAP@R"] == pytest.approx(100 * pml["mean_average_precision_at_r"], abs=1e-9)
+
+
+def test_separate_gallery_matches_oracle():
+    q, ql = tie_heavy(120, 4, 6, 3)
+    g, gl = tie_heavy(200, 4, 6, 4)
+    got = evaluate(FeatureSet(q, ql), FeatureSet(g, gl))
+    ref = brute_force(q, ql, g, gl, exclude_self=False)
+    for key in ("mAP", "top1", "top5", "mAP@R"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_paired_excludes_each_querys_own_item():
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(150, 4)).astype(np.float32)
+    y = rng.integers(0, 5, 150)
+    g = q.copy()  # the "other model" encodes every item identically: own item at distance 0
+    got = evaluate(FeatureSet(q, y), FeatureSet(g, y), paired=True)
+    assert got == evaluate(FeatureSet(q, y)) | {"n_gallery": 150}
+    unpaired = evaluate(FeatureSet(q, y), FeatureSet(g, y))
+    assert unpaired["top1"] == 100.0  # the own item would always be first
+    assert got["top1"] < 100.0
+
+
+def test_leave_one_out_excludes_by_index_not_distance():
+    # Two identical vectors of class 0; excluding by distance 0 would drop both.
+    x = np.array([[0, 0], [0, 0], [5, 5], [5, 6]], np.float32)
+    y = np.array([0, 0, 1, 1])
+    got = evaluate(FeatureSet(x, y))
+    assert got["top1"] == 100.0 and got["mAP"] == 100.0 and got["n_query"] == 4
+
+
+def test_queries_without_positive_are_skipped_and_counted():
+    x = np.array([[0, 0], [0, 1], [9, 9], [3, 3]], np.float32)
+    y = np.array([0, 0, 1, 2])  # classes 1 and 2 have a single item each
+    got = evaluate(FeatureSet(x, y))
+    assert got["n_skipped"] == 2 and got["n_query"] == 2 and got["top1"] == 100.0
+
+
+def test_ties_give_the_same_result_whatever_the_gallery_order():
+    x, y = tie_heavy(200, 3, 4, 11)
+    perm = np.random.default_rng(0).permutation(200)
+    a = evaluate(FeatureSet(x, y))
+    b = evaluate(FeatureSet(x[perm], y[perm]))
+    assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-9)  # tie groups are order-free
+
+
+def test_cosine_normalises_with_l2_norm():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(100, 8)).astype(np.float32)
+    y = rng.integers(0, 4, 100)
+    scaled = x * rng.uniform(0.1, 10, (100, 1)).astype(np.float32)
+    a = evaluate(FeatureSet(x, y), distance="cosine")
+    b = evaluate(FeatureSet(scaled, y), distance="cosine")
+    assert a["mAP"] == pytest.approx(b["mAP"], abs=1e-6)
+    cos = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert a["mAP"] == pytest.approx(evaluate(FeatureSet(cos, y))["mAP"], abs=1e-6)
+
+
+def test_torch_and_faiss_agree_on_real_valued_data():
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=(20, 32))
+    y = rng.integers(0, 20, 2000)
+    x = (c[y] + rng.normal(size=(2000, 32))).astype(np.float32)
+    x[1000:1050] = x[:50]
+    a = evaluate(FeatureSet(x, y), backend="torch")
+    b = evaluate(FeatureSet(x, y), backend="faiss")
+    for key in ("top1", "top5", "mAP", "mAP@R"):
+        assert abs(a[key] - b[key]) < 1e-6 * 100, key
+
+
+def test_small_blocks_give_identical_results():
+    x, y = tie_heavy(257, 4, 6, 9)
+    a = evaluate(FeatureSet(x, y))
+    b = evaluate(FeatureSet(x, y), block_bytes=16 * 257 * 7)  # 7 queries per block
+    assert a == b
