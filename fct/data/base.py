@@ -1,0 +1,208 @@
+"""Labeled image sources, the dataset registry, class subsets and where data is looked for."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fct.errors import FCTError
+from fct.registry import Registry
+
+SPLITS = ("train", "test")
+
+# Where `download=True` puts data when no root is given, and where later runs look for it.
+DOWNLOAD_DIR = Path("~/.cache/fct/data")
+
+
+class ImageSource:
+    """A labeled image collection: uint8 images [C,H,W] with int labels, plus metadata.
+
+    In-memory datasets hold every image in ``images`` (uint8 [N,C,H,W]) so loaders can slice
+    whole batches at once; folder datasets leave it ``None`` and subclass ``_read``.
+
+    Attributes:
+        name: dataset name (the registry key).
+        labels: int64 [N], the dataset's original numeric labels (never remapped by subsets).
+        num_classes: classes in the full dataset, not only those present after a subset.
+        channels: 1 or 3.
+        image_size: side length of the square images returned by ``__getitem__``.
+        mean, std: per-channel normalisation constants for images scaled to [0, 1].
+        images: uint8 [N,C,H,W] for in-memory data, else None.
+        class_names: optional names indexed by label.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        labels: np.ndarray | Sequence[int],
+        num_classes: int,
+        channels: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        images: torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.num_classes = int(num_classes)
+        self.channels = int(channels)
+        self.image_size = int(image_size)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.images = images
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self._check()
+
+    def _check(self) -> None:
+        """Catch inconsistent metadata at construction rather than deep inside training."""
+        if self.labels.ndim != 1:
+            raise ValueError(f"{self.name}: labels must be 1-D, got shape {self.labels.shape}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"{self.name}: channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"{self.name}: mean/std need one value per channel")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise ValueError(f"{self.name}: labels outside 0..{self.num_classes - 1}")
+        if self.images is not None:
+            want = (len(self.labels), self.channels, self.image_size, self.image_size)
+            if self.images.dtype != torch.uint8 or tuple(self.images.shape) != want:
+                raise ValueError(
+                    f"{self.name}: images must be uint8 {want}, got "
+                    f"{self.images.dtype} {tuple(self.images.shape)}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image ``i`` as uint8 [C,H,W] and its label."""
+        image = self.images[i] if self.images is not None else self._read(i)
+        return image, int(self.labels[i])
+
+    def _read(self, i: int) -> torch.Tensor:
+        """Decode item ``i``; only sources without in-memory ``images`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no images to read")
+
+    def subset(self, indices: np.ndarray | Sequence[int] | torch.Tensor) -> ImageSource:
+        """A source restricted to ``indices`` (in that order), with the same metadata."""
+        idx = np.asarray(indices).reshape(-1)
+        # A boolean mask would otherwise be read as the indices 0 and 1.
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)
+        out = copy.copy(self)
+        out.labels = self.labels[idx]
+        if self.images is not None:
+            # A contiguous copy keeps batch slicing in the loader a single fast gather.
+            out.images = self.images[torch.from_numpy(idx)].contiguous()
+        out._take(idx)
+        return out
+
+    def _take(self, idx: np.ndarray) -> None:
+        """Hook for subclasses to restrict their own per-item arrays (e.g. file paths)."""
+
+    def class_counts(self) -> np.ndarray:
+        """Number of items per label, int64 [num_classes]."""
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def __repr__(self) -> str:
+        present = len(np.unique(self.labels))
+        size = f"{self.channels}x{self.image_size}x{self.image_size}"
+        return f"{type(self).__name__}({self.name!r}, n={len(self)}, classes={present}/{self.num_classes}, {size})"
+
+
+DatasetFn = Callable[[str, "str | None", bool], ImageSource]
+
+DATASETS: Registry[DatasetFn] = Registry("dataset", hint="fct list datasets")
+
+
+def check_split(split: str) -> None:
+    """Raise FCTError unless ``split`` is 'train' or 'test'."""
+    if split not in SPLITS:
+        raise FCTError(f"unknown split '{split}'; use 'train' or 'test'")
+
+
+def subset_classes(
+    source: ImageSource,
+    classes: Sequence[int] | None = None,
+    max_per_class: int | None = None,
+) -> ImageSource:
+    """Keep labels in the half-open range ``classes`` = (lo, hi), at most ``max_per_class`` each.
+
+    Labels keep their original values so that models trained on different subsets agree on
+    class ids. The first items in index order are kept, so the result is deterministic.
+    """
+    keep = np.ones(len(source), dtype=bool)
+    if classes is not None:
+        lo, hi = _class_range(source, classes)
+        keep &= (source.labels >= lo) & (source.labels < hi)
+    if max_per_class is not None:
+        if int(max_per_class) < 1:
+            raise FCTError(f"max_per_class must be at least 1, got {max_per_class}")
+        keep &= _rank_within_class(source.labels) < int(max_per_class)
+    if keep.all():
+        return source
+    if not keep.any():
+        raise FCTError(
+            f"class subset {classes} of dataset {source.name} has no images; check the range"
+        )
+    return source.subset(np.flatnonzero(keep))
+
+
+def _class_range(source: ImageSource, classes: Sequence[int]) -> tuple[int, int]:
+    """Validate a (lo, hi) half-open class range against the dataset's class count."""
+    if len(classes) != 2:
+        raise FCTError(f"classes must be a (lo, hi) range, got {classes!r}")
+    lo, hi = int(classes[0]), int(classes[1])
+    if lo < 0 or hi <= lo:
+        raise FCTError(f"class range ({lo}, {hi}) is empty or negative; use 0 <= lo < hi")
+    if hi > source.num_classes:
+        raise FCTError(
+            f"class subset {lo}..{hi - 1} is larger than dataset {source.name} with "
+            f"{source.num_classes} classes; use a range within 0..{source.num_classes - 1}"
+        )
+    return lo, hi
+
+
+def _rank_within_class(labels: np.ndarray) -> np.ndarray:
+    """For each item, how many items of the same label come before it (0 for the first)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(labels)]))
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels)) - group_start
+    return rank
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    root: str | os.PathLike[str] | None = None,
+    classes: Sequence[int] | None = None,
+    max_per_class: int | None = None,
+    download: bool = False,
+) -> ImageSource:
+    """Load a registered dataset split, optionally restricted to a class range and per-class cap."""
+    check_split(split)
+    fn = DATASETS.get(name)
+    source = fn(split, None if root is None else str(root), download)
+    return subset_classes(source, classes, max_per_class)
+
+
+def search_bases(root: str | os.PathLike[str] | None) -> list[Path]:
+    """Base folders to look for data in, in order: ``root``, ``$FCT_DATA``, the download cache."""
+    bases = [Path(root).expanduser()] if root else []
+    if os.environ.get("FCT_DATA"):
+        bases.append(Path(os.environ["FCT_DATA"]).expanduser())
+    bases.append(download_dir(None))
+    return bases
+
+
+def download_dir(root: str | os.PathLike[str] | None) -> Path:
+    """Where ``download=True`` stores data: ``root`` if given, else ``~/.cache/fct/data``."""
+    return Path(root).expanduser() if root else DOWNLOAD_DIR.expanduser()

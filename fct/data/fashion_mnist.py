@@ -1,0 +1,155 @@
+"""Fashion-MNIST from its IDX files (gzipped or not), found on disk or downloaded on request."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fct.data.base import DATASETS, ImageSource, check_split, download_dir, search_bases
+from fct.errors import FCTError
+
+# The Debian/Ubuntu package dataset-fashion-mnist installs the four .gz files here.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+# Layouts inside a base folder: the files directly, torchvision's, and our own.
+SUBDIRS = ("", "FashionMNIST/raw", "fashion_mnist")
+
+PREFIX = {"train": "train", "test": "t10k"}
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+MEAN, STD = (0.2860,), (0.3530,)
+HOW_TO_GET = (
+    "get it with `apt-get install dataset-fashion-mnist`, or pass --data-root DIR with the "
+    "IDX files, or --download"
+)
+
+
+def _stems(split: str) -> tuple[str, str]:
+    """File names (without .gz) of a split's images and labels."""
+    p = PREFIX[split]
+    return f"{p}-images-idx3-ubyte", f"{p}-labels-idx1-ubyte"
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz``, whichever exists (plain first: it reads faster)."""
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """Names of the four IDX files that ``folder`` lacks (all of them if it does not exist)."""
+    stems = [*_stems("train"), *_stems("test")]
+    return [s for s in stems if _find_file(folder, s) is None]
+
+
+def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
+    """Folders to search, in order: root, $FCT_DATA, the Debian package, the download cache."""
+    *user_bases, cache = search_bases(root)
+    folders = [base / sub if sub else base for base in user_bases for sub in SUBDIRS]
+    folders.append(DEBIAN_FASHION_MNIST)
+    folders.extend(cache / sub for sub in SUBDIRS[1:])
+    return folders
+
+
+def find_fashion_mnist(root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
+    """The folder holding the four Fashion-MNIST IDX files.
+
+    Looks in ``root`` (and root/FashionMNIST/raw, root/fashion_mnist), then ``$FCT_DATA`` (same
+    sub-paths), the Debian package folder, and the download cache; with ``download=True`` and
+    nothing found, downloads through torchvision into ``root`` or ``~/.cache/fct/data``.
+    """
+    looked = []
+    for folder in _candidates(root):
+        missing = _missing_files(folder)
+        if not missing:
+            return folder
+        why = "missing" if not folder.is_dir() else f"lacks {', '.join(missing)}"
+        looked.append(f"{folder} ({why})")
+    if download:
+        return _download(root)
+    raise FCTError(f"Fashion-MNIST not found; looked in: {'; '.join(looked)}. {HOW_TO_GET}")
+
+
+def _download(root: str | os.PathLike[str] | None) -> Path:
+    """Download through torchvision; its files land in DIR/FashionMNIST/raw."""
+    from torchvision.datasets import FashionMNIST
+
+    target = download_dir(root)
+    try:
+        FashionMNIST(str(target), train=True, download=True)
+    except Exception as e:  # network and disk errors come in many types
+        raise FCTError(f"downloading Fashion-MNIST into {target} failed ({e}); {HOW_TO_GET}") from e
+    return target / "FashionMNIST" / "raw"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it ends in .gz; unreadable files raise FCTError."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise FCTError(f"{path} is corrupt or unreadable ({e}); delete it and get it again") from e
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
+    """Parse an unsigned-byte IDX file with ``ndim`` dimensions (1: labels, 3: images).
+
+    The magic number and the data length are checked against the header, so a truncated
+    or wrong file raises FCTError naming it instead of yielding garbage.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    header = 4 + 4 * ndim
+    fix = "delete it and get it again"
+    magic = int.from_bytes(raw[:4], "big")
+    if len(raw) >= 4 and magic != 0x0800 + ndim:  # 0x08 = unsigned byte data
+        raise FCTError(f"{path} is not a {ndim}-D uint8 IDX file (magic {magic:#x}); {fix}")
+    if len(raw) < header:
+        raise FCTError(f"{path} is truncated ({len(raw)} bytes, no full IDX header); {fix}")
+    dims = [int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4)]
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise FCTError(
+            f"{path} is truncated or corrupt: header says {expected} data bytes, found "
+            f"{len(raw) - header}; {fix}"
+        )
+    # bytearray makes the array writable, which torch.from_numpy needs.
+    return np.frombuffer(bytearray(raw[header:]), np.uint8).reshape(dims)
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(split: str, root: str | None = None, download: bool = False) -> ImageSource:
+    """Fashion-MNIST ``split``: 28x28 grayscale, 10 classes, 60000 train / 10000 test."""
+    check_split(split)
+    folder = find_fashion_mnist(root, download)
+    image_stem, label_stem = _stems(split)
+    image_path, label_path = _find_file(folder, image_stem), _find_file(folder, label_stem)
+    images = read_idx(image_path, 3)
+    labels = read_idx(label_path, 1).astype(np.int64)
+    if len(images) != len(labels) or (len(labels) and labels.max() >= len(CLASS_NAMES)):
+        raise FCTError(
+            f"{image_path} and {label_path} do not match (counts {len(images)} vs {len(labels)}, "
+            "or labels beyond 0..9); delete them and get them again"
+        )
+    return ImageSource(
+        name="fashion_mnist",
+        labels=labels,
+        num_classes=len(CLASS_NAMES),
+        channels=1,
+        image_size=images.shape[-1],
+        mean=MEAN,
+        std=STD,
+        images=torch.from_numpy(images).unsqueeze(1),
+        class_names=CLASS_NAMES,
+    )
