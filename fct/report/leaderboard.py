@@ -1,0 +1,201 @@
+"""The leaderboard: one row per method, per-scenario columns, mean and rank.
+
+Sorted by the mean over scenarios of the cross mAP (the suite's main number). A method that
+did not run every scenario gets no mean and no rank (a mean over other scenarios would not be
+comparable) and is listed last.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from fct.io import write_text
+from fct.report.metric_table import DASH, METRICS, auc_metric, csv_value
+from fct.report.render import Table, to_markdown
+from fct.report.summary import Cell, Summary
+
+#: Per-scenario leaderboard columns, by metric-table key.
+SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_cost_mAP")
+#: Averaged over scenarios; the last one orders the board.
+MEAN_METRICS = ("cross_top1", "cross_mAP")
+SORT_METRIC = "cross_mAP"
+
+CHECK, CROSS = "✓", "✗"
+
+CRITERION = (
+    f"{CHECK} compatible: cross top-1 > old/old top-1 and cross mAP > old/old mAP "
+    "(BCT's criterion; on the seed means)."
+)
+DEFINITIONS = (
+    "cross: queries embedded by the new model against the updated gallery. "
+    "gain = cross mAP − old/old mAP. new/new cost = the method's new/new mAP − Independent's "
+    "new/new mAP on the same scenario (0 for Independent, blank when Independent was not run; "
+    "negative: the method made the new model worse). Values in %; differences in percentage "
+    "points. mean = mean over scenarios; a method missing a scenario has no mean and no rank."
+)
+
+
+@dataclass
+class Row:
+    """One method's leaderboard row."""
+
+    method: str
+    label: str
+    rank: int | None
+    means: dict[str, float | None]
+    cells: dict[str, Cell | None]
+
+
+def scenario_metrics(summary: Summary) -> list[str]:
+    """The per-scenario metric keys, with AUC columns when any record has backfilling curves."""
+    return [*SCENARIO_METRICS, *(f"auc_{o}" for o in summary.auc_orders)]
+
+
+def _metric(key: str):
+    return METRICS[key] if key in METRICS else auc_metric(key.removeprefix("auc_"))
+
+
+def leaderboard_rows(summary: Summary) -> list[Row]:
+    """Rows sorted by mean cross mAP (descending), with competition ranks (1, 2, 2, 4)."""
+    rows = []
+    for m in summary.methods:
+        cells = {s: summary.cell(s, m) for s in summary.scenarios}
+        complete = all(c is not None for c in cells.values())
+        means = {
+            k: sum(c.mean(k) for c in cells.values()) / len(cells) if complete else None
+            for k in MEAN_METRICS
+        }
+        rows.append(Row(m, summary.labels[m], None, means, cells))
+    ranked = sorted(
+        (r for r in rows if r.means[SORT_METRIC] is not None),
+        key=lambda r: (-r.means[SORT_METRIC], r.label),
+    )
+    for i, row in enumerate(ranked):
+        prev = ranked[i - 1] if i else None
+        tied = prev is not None and prev.means[SORT_METRIC] == row.means[SORT_METRIC]
+        row.rank = prev.rank if tied else i + 1
+    unranked = sorted((r for r in rows if r.means[SORT_METRIC] is None), key=lambda r: r.label)
+    return ranked + unranked
+
+
+def _mark(cell: Cell | None, yes: str, no: str) -> str:
+    if cell is None:
+        return ""
+    return yes if cell.compatible else no
+
+
+def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
+    """The wide CSV: ``rank,method,label,mean/...,SCENARIO/KEY...``.
+
+    With several seeds anywhere, each per-scenario number becomes ``KEY_mean`` and ``KEY_std``
+    (sample std, blank for one seed) and a ``SCENARIO/seeds`` count is added.
+    """
+    rows = rows if rows is not None else leaderboard_rows(summary)
+    multi = summary.multi_seed
+    keys = scenario_metrics(summary)
+    header = ["rank", "method", "label", *(f"mean/{k}" for k in MEAN_METRICS)]
+    for s in summary.scenarios:
+        for k in keys:
+            header += [f"{s}/{k}_mean", f"{s}/{k}_std"] if multi else [f"{s}/{k}"]
+        header += [f"{s}/compatible"] + ([f"{s}/seeds"] if multi else [])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        line = [
+            "" if row.rank is None else str(row.rank),
+            row.method,
+            row.label,
+            *(csv_value(row.means[k]) for k in MEAN_METRICS),
+        ]
+        for s in summary.scenarios:
+            cell = row.cells[s]
+            for k in keys:
+                stat = cell.stats[k] if cell else None
+                line.append(csv_value(stat.mean if stat else None))
+                if multi:
+                    line.append(csv_value(stat.std if stat else None))
+            line.append(_mark(cell, "yes", "no"))
+            if multi:
+                line.append(str(len(cell.records)) if cell else "")
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
+    """The leaderboard as a render.Table (mean ± std cells), for Markdown and HTML."""
+    rows = rows if rows is not None else leaderboard_rows(summary)
+    keys = scenario_metrics(summary)
+    header = ["rank", "method", *(f"mean {METRICS[k].description}" for k in MEAN_METRICS)]
+    groups: list[tuple[str, int]] = [("", len(header))]
+    for s in summary.scenarios:
+        header += [_short(k) for k in keys] + ["compatible"]
+        groups.append((s, len(keys) + 1))
+    body = []
+    for row in rows:
+        line = [
+            DASH if row.rank is None else str(row.rank),
+            row.label,
+            *(METRICS[k].format(row.means[k]) for k in MEAN_METRICS),
+        ]
+        for s in summary.scenarios:
+            cell = row.cells[s]
+            for k in keys:
+                stat = cell.stats[k] if cell else None
+                line.append(_metric(k).format(stat.mean, stat.std) if stat else DASH)
+            line.append(_mark(cell, CHECK, CROSS) or DASH)
+        body.append(line)
+    notes = [CRITERION, DEFINITIONS]
+    if summary.multi_seed:
+        notes.append("With several seeds: mean ± sample standard deviation over seeds.")
+    return Table(header, body, ["r", "l"] + ["r"] * (len(header) - 2), groups, notes=notes)
+
+
+def _short(key: str) -> str:
+    return {
+        "cross_top1": "cross top-1",
+        "cross_mAP": "cross mAP",
+        "gain_mAP": "gain",
+        "new_new_cost_mAP": "new/new cost",
+    }.get(key, _metric(key).label)
+
+
+def reference_table(summary: Summary) -> Table:
+    """Per scenario, the old/old and new/new numbers every method is compared against."""
+    header = ["scenario", "old/old top-1", "old/old mAP", "new/new top-1", "new/new mAP"]
+    body = []
+    for s in summary.scenarios:
+        old = summary.reference(s, "old/old")
+        new = summary.reference(s, "new/new")
+        line = [s]
+        for cell, case in ((old, "old_old"), (new, "new_new")):
+            for k in ("top1", "mAP"):
+                stat = cell.stats[f"{case}_{k}"] if cell else None
+                line.append(METRICS[f"{case}_{k}"].format(stat.mean, stat.std) if stat else DASH)
+        if new is not None and new.method != "independent":
+            line[0] += f" (new/new from {new.label})"
+        body.append(line)
+    return Table(header, body, ["l", "r", "r", "r", "r"])
+
+
+def leaderboard_markdown(summary: Summary, rows: list[Row] | None = None) -> str:
+    """leaderboard.md: header line, the leaderboard with its criterion, the reference table."""
+    return (
+        f"# Leaderboard: {summary.suite}\n\n"
+        f"{summary.header()}\n\n"
+        f"{to_markdown(leaderboard_table(summary, rows))}\n"
+        "## Reference numbers (old/old, new/new)\n\n"
+        f"{to_markdown(reference_table(summary))}"
+    )
+
+
+def write_leaderboard(summary: Summary, out: Path) -> list[Path]:
+    """Write ``leaderboard.csv`` and ``leaderboard.md`` into ``out``; return their paths."""
+    rows = leaderboard_rows(summary)
+    return [
+        write_text(out / "leaderboard.csv", leaderboard_csv(summary, rows)),
+        write_text(out / "leaderboard.md", leaderboard_markdown(summary, rows)),
+    ]

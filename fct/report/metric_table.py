@@ -1,0 +1,299 @@
+"""The metric table: what each reported number means, and how to show it.
+
+One entry per number the reports show (the idea of ann-benchmarks' ``plotting/metrics.py``):
+the leaderboard's column names, the paper tables' headers and the plots' axis labels and
+limits all come from here, so a metric is described once.
+
+A metric is read from one run record by ``extract(record, reference)``. ``reference`` is the
+``cases`` dict of the Independent run of the same scenario (same seed when there is one): it
+is what a new/new cost is measured against, and ``None`` when Independent was not run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Record = dict[str, Any]
+Extract = Callable[[Record, "dict[str, Any] | None"], "float | None"]
+
+DASH = "–"  # shown in markdown / HTML / LaTeX for a number that is not available
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported number: its names, unit, direction, axis limits and how to read it.
+
+    ``key`` is used in CSV column names (``SCENARIO/KEY``); ``label`` heads table columns;
+    ``description`` labels plot axes and the docs. ``lim`` is the valid range, used as axis
+    limits (``None`` on a side means "let the data decide"). ``signed`` shows a leading ``+``
+    (for differences); ``log`` asks plots for a log axis; ``sci`` allows scientific notation
+    for values too large or small for ``decimals`` (throughputs, per-item costs).
+    """
+
+    key: str
+    label: str
+    description: str
+    unit: str
+    higher_is_better: bool
+    extract: Extract
+    lim: tuple[float | None, float | None] = (None, None)
+    decimals: int = 1
+    signed: bool = False
+    log: bool = False
+    sci: bool = False
+
+    @property
+    def axis_label(self) -> str:
+        """Axis label with unit and direction, e.g. ``cross mAP (%, higher is better)``."""
+        unit = f"{self.unit}, " if self.unit else ""
+        better = "higher" if self.higher_is_better else "lower"
+        return f"{self.description} ({unit}{better} is better)"
+
+    def format(self, mean: float | None, std: float | None = None) -> str:
+        """Human-readable value: ``50.6``, ``+1.2`` or ``50.6 ± 0.3`` (std shown when given)."""
+        if mean is None:
+            return DASH
+        text = _fmt(mean, self.decimals, self.signed, self.sci)
+        if std is not None:
+            text += f" ± {_fmt(std, self.decimals, False, self.sci)}"
+        return text
+
+
+def _fmt(x: float, decimals: int, signed: bool, sci: bool) -> str:
+    if sci and (abs(x) >= 1e4 or (x != 0 and abs(x) < 10 ** (-decimals))):
+        text = f"{x:.2e}"  # throughputs and tiny per-item costs do not fit fixed decimals
+    else:
+        text = f"{x:.{decimals}f}"
+        if float(text) == 0:
+            text = f"{0:.{decimals}f}"  # no "-0.0"
+    if signed and not text.startswith("-") and float(text) != 0:
+        text = "+" + text
+    return text
+
+
+def csv_value(x: float | None) -> str:
+    """A number for the CSV: rounded to 4 decimals (or 4 significant digits), blank when absent."""
+    if x is None:
+        return ""
+    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+        return f"{x:.4g}"
+    return repr(round(x, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Extractors. Each takes (record, reference cases) and returns a float or None.
+
+
+def _case(case: str, key: str) -> Extract:
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        return float(rec["cases"][case][key])
+
+    return extract
+
+
+def _cost(key: str) -> Extract:
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = rec["costs"].get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
+def _gain(key: str) -> Extract:
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        return float(rec["cases"]["cross"][key]) - float(rec["cases"]["old/old"][key])
+
+    return extract
+
+
+def _new_new_cost(key: str) -> Extract:
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        if rec["method"] == "independent":
+            return 0.0  # by definition: Independent is the baseline new model
+        if ref is None:
+            return None
+        return float(rec["cases"]["new/new"][key]) - float(ref["new/new"][key])
+
+    return extract
+
+
+def update_cost_per_item(rec: Record) -> float | None:
+    """Seconds to update one gallery item: backfilled share by re-encoding, the rest by h.
+
+    ``f / backfill_images_per_s + (1 - f) / transform_embeddings_per_s`` with ``f`` the
+    backfill fraction; a term whose throughput is unknown counts as zero when its share is
+    zero. 0.0 means nothing is updated (Independent, BCT); None means a needed throughput is
+    missing.
+    """
+    costs = rec["costs"]
+    f = float(costs["backfill_fraction"])
+    transform = costs.get("transform_embeddings_per_s")
+    backfill = costs.get("backfill_images_per_s")
+    total = 0.0
+    if f > 0:
+        if not backfill:
+            return None
+        total += f / float(backfill)
+    if f < 1 and transform:
+        total += (1 - f) / float(transform)
+    return total
+
+
+def _update_cost(rec: Record, ref: dict[str, Any] | None) -> float | None:
+    return update_cost_per_item(rec)
+
+
+PERCENT = (0.0, 100.0)
+GAIN = (-100.0, 100.0)
+
+
+def _accuracy(case: str, key: str, what: str, label: str) -> Metric:
+    return Metric(
+        key=f"{_CASE_KEY[case]}_{key}",
+        label=label,
+        description=f"{case} {what}",
+        unit="%",
+        higher_is_better=True,
+        extract=_case(case, key),
+        lim=PERCENT,
+    )
+
+
+_CASE_KEY = {"old/old": "old_old", "new/new": "new_new", "cross": "cross"}
+_WHAT = {"top1": "CMC top-1", "top5": "CMC top-5", "mAP": "mAP", "mAP@R": "mAP@R"}
+_LABEL = {"top1": "top-1", "top5": "top-5", "mAP": "mAP", "mAP@R": "mAP@R"}
+
+#: Every metric the reports know, by key.
+METRICS: dict[str, Metric] = {}
+for _c in ("cross", "old/old", "new/new"):
+    for _k in ("top1", "top5", "mAP", "mAP@R"):
+        _m = _accuracy(_c, _k, _WHAT[_k], _LABEL[_k])
+        METRICS[_m.key] = _m
+
+METRICS.update(
+    {
+        m.key: m
+        for m in (
+            Metric(
+                key="gain_mAP",
+                label="gain",
+                description="gain over old/old: cross mAP − old/old mAP",
+                unit="pp",
+                higher_is_better=True,
+                extract=_gain("mAP"),
+                lim=GAIN,
+                signed=True,
+            ),
+            Metric(
+                key="gain_top1",
+                label="gain top-1",
+                description="gain over old/old: cross top-1 − old/old top-1",
+                unit="pp",
+                higher_is_better=True,
+                extract=_gain("top1"),
+                lim=GAIN,
+                signed=True,
+            ),
+            Metric(
+                key="new_new_cost_mAP",
+                label="new/new cost",
+                description="new/new cost: method new/new mAP − Independent new/new mAP",
+                unit="pp",
+                higher_is_better=True,  # 0 is best; negative means the new model got worse
+                extract=_new_new_cost("mAP"),
+                lim=GAIN,
+                signed=True,
+            ),
+            Metric(
+                key="backfill_fraction",
+                label="backfilled",
+                description="fraction of the gallery re-encoded by the new model",
+                unit="",
+                higher_is_better=False,
+                extract=_cost("backfill_fraction"),
+                lim=(0.0, 1.0),
+                decimals=2,
+            ),
+            Metric(
+                key="update_cost_s",
+                label="s / item",
+                description="per-item update cost",
+                unit="s",
+                higher_is_better=False,
+                extract=_update_cost,
+                lim=(None, None),
+                decimals=2,
+                log=True,
+                sci=True,
+            ),
+            Metric(
+                key="transform_embeddings_per_s",
+                label="h emb/s",
+                description="transformation throughput",
+                unit="embeddings/s",
+                higher_is_better=True,
+                extract=_cost("transform_embeddings_per_s"),
+                decimals=0,
+                log=True,
+                sci=True,
+            ),
+            Metric(
+                key="backfill_images_per_s",
+                label="backfill img/s",
+                description="backfill (re-encoding) throughput",
+                unit="images/s",
+                higher_is_better=True,
+                extract=_cost("backfill_images_per_s"),
+                decimals=0,
+                log=True,
+                sci=True,
+            ),
+            Metric(
+                key="speedup_vs_backfill",
+                label="speed-up",
+                description="update speed-up over a full backfill",
+                unit="×",
+                higher_is_better=True,
+                extract=_cost("speedup_vs_backfill"),
+                decimals=0,
+                log=True,
+                sci=True,
+            ),
+            Metric(
+                key="train_seconds",
+                label="train s",
+                description="training time of the method",
+                unit="s",
+                higher_is_better=False,
+                extract=_cost("train_seconds"),
+                decimals=1,
+            ),
+        )
+    }
+)
+
+
+def auc_metric(order: str) -> Metric:
+    """The metric for a backfilling curve's area under the curve, for one backfill order."""
+
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = (rec.get("auc") or {}).get(order)
+        return None if value is None else float(value)
+
+    return Metric(
+        key=f"auc_{order}",
+        label=f"AUC {order}",
+        description=f"area under the backfilling curve, {order} order",
+        unit="%",
+        higher_is_better=True,
+        extract=extract,
+        lim=PERCENT,
+    )
+
+
+def finite(x: float | None) -> bool:
+    """True for a real, finite number."""
+    return x is not None and math.isfinite(x)
