@@ -64,6 +64,15 @@ def bench(session: nox.Session) -> None:
     """Throughput and metric benchmarks (pytest-benchmark); figures go to results/bench/."""
     python = _shared_env(session)
     session.run(
-        python, "-m", "pytest", "bench", "--benchmark-enable", "-p", "no:cacheprovider",
-        "-o", "addopts=", *session.posargs, external=True,
+        python,
+        "-m",
+        "pytest",
+        "bench",
+        "--benchmark-enable",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        *session.posargs,
+        external=True,
     )

@@ -48,8 +48,11 @@ def reference_loop(x: np.ndarray, y: np.ndarray) -> dict:
         first = int(np.argmax(rel[np.argsort(row, kind="stable")]))
         top1.append(first < 1)
         top5.append(first < 5)
-    return {"mAP": 100 * float(np.mean(aps)), "top1": 100 * float(np.mean(top1)),
-            "top5": 100 * float(np.mean(top5))}
+    return {
+        "mAP": 100 * float(np.mean(aps)),
+        "top1": 100 * float(np.mean(top1)),
+        "top5": 100 * float(np.mean(top5)),
+    }
 
 
 def test_metrics_speed_vs_reference_loop(benchmark, features):
@@ -74,15 +77,18 @@ def test_metrics_speed_vs_reference_loop(benchmark, features):
         "provenance": provenance(),
     }
     write_json(OUT / "metrics.json", result)
-    write_text(OUT / "metrics.md", (
-        "# Metric speed\n\n"
-        f"{result['task']}, on {result['provenance']['device']}.\n\n"
-        "| implementation | seconds | speed-up |\n|---|---:|---:|\n"
-        f"| per-query scikit-learn loop (reference code's way) | {loop_s:.2f} | 1 |\n"
-        f"| fct.retrieval, torch backend (median of 5) | {ours_s:.3f} | {loop_s / ours_s:.0f}x |\n"
-        f"| fct.retrieval, faiss backend (best of 3) | {faiss_s:.3f} | {loop_s / faiss_s:.0f}x |\n\n"
-        f"Command: `nox -s bench -- -k metrics`. Values agree: mAP {ours['mAP']:.4f} vs {ref['mAP']:.4f}.\n"
-    ))
+    write_text(
+        OUT / "metrics.md",
+        (
+            "# Metric speed\n\n"
+            f"{result['task']}, on {result['provenance']['device']}.\n\n"
+            "| implementation | seconds | speed-up |\n|---|---:|---:|\n"
+            f"| per-query scikit-learn loop (reference code's way) | {loop_s:.2f} | 1 |\n"
+            f"| fct.retrieval, torch backend (median of 5) | {ours_s:.3f} | {loop_s / ours_s:.0f}x |\n"
+            f"| fct.retrieval, faiss backend (best of 3) | {faiss_s:.3f} | {loop_s / faiss_s:.0f}x |\n\n"
+            f"Command: `nox -s bench -- -k metrics`. Values agree: mAP {ours['mAP']:.4f} vs {ref['mAP']:.4f}.\n"
+        ),
+    )
 
 
 def _timed(fn) -> float:

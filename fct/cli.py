@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fct import __version__
 from fct.errors import FCTError
@@ -29,10 +30,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     query = load_npz(args.query)
     gallery = load_npz(args.gallery) if args.gallery else None
     if args.paired and gallery is None:
-        raise FCTError("--paired needs --gallery (without a gallery the query set is evaluated leave-one-out)")
-    out = evaluate(query, gallery, paired=args.paired, distance=args.distance,
-                   backend=args.backend, device=args.device,
-                   progress=sys.stderr.isatty() and not args.json)
+        raise FCTError(
+            "--paired needs --gallery (without a gallery the query set is evaluated leave-one-out)"
+        )
+    out = evaluate(
+        query,
+        gallery,
+        paired=args.paired,
+        distance=args.distance,
+        backend=args.backend,
+        device=args.device,
+        progress=sys.stderr.isatty() and not args.json,
+    )
     if out["n_skipped"]:
         print(
             f"note: {out['n_skipped']} queries have no same-class item in the gallery "
@@ -42,11 +51,105 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, sort_keys=True))
     else:
-        mode = "paired" if args.paired else ("leave-one-out" if gallery is None else "query vs gallery")
-        print(f"{mode}, {out['distance']} distance, {out['backend']} backend: "
-              f"{out['n_query']} queries scored, {out['n_skipped']} skipped, {out['n_gallery']} gallery items")
+        mode = (
+            "paired"
+            if args.paired
+            else ("leave-one-out" if gallery is None else "query vs gallery")
+        )
+        print(
+            f"{mode}, {out['distance']} distance, {out['backend']} backend: "
+            f"{out['n_query']} queries scored, {out['n_skipped']} skipped, {out['n_gallery']} gallery items"
+        )
         print(f"{'top1':>8} {'top5':>8} {'mAP':>8} {'mAP@R':>8}")
         print(" ".join(f"{out[k]:8.2f}" for k in ("top1", "top5", "mAP", "mAP@R")))
+    return 0
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    from fct.methods import load_entry_points, load_plugin
+
+    load_entry_points()
+    for spec in getattr(args, "plugin", None) or []:
+        load_plugin(spec)
+
+
+def _results_dir(args: argparse.Namespace, suite: str) -> Path:
+    return Path(args.out) if args.out else Path("results") / suite
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fct.runner import RunOptions, run_suite
+    from fct.scenarios import load_suite
+
+    _load_plugins(args)
+    suite = load_suite(args.suite)
+    methods = (
+        tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    )
+    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    for seed in seeds:
+        opts = RunOptions(
+            out=_results_dir(args, suite.name),
+            cache=args.cache,
+            device=args.device,
+            seed=seed,
+            force=args.force,
+            data_root=args.data_root,
+            download=args.download,
+            methods=methods,
+            scenarios=args.scenarios,
+        )
+        run_suite(suite, opts)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fct.report import build_report
+
+    dirs = [Path(d) for d in (args.results or [Path("results") / args.suite])]
+    paths = build_report(args.suite, dirs, Path(args.out) if args.out else None)
+    print(f"wrote {len(paths)} files to {Path(args.out) if args.out else dirs[0]}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    _load_plugins(args)
+    what = args.what
+    if what == "methods":
+        from fct.methods import METHODS
+
+        for name in METHODS.names(args.pattern):
+            cls = METHODS.get(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"{name:14s} {doc}")
+    elif what == "datasets":
+        from fct.data import DATASETS
+
+        for name in DATASETS.names(args.pattern):
+            print(name)
+    elif what == "losses":
+        from fct.losses import LOSSES
+
+        for name in LOSSES.names(args.pattern):
+            print(name)
+        print("simclr (side-information only)")
+    elif what == "suites":
+        from fct.scenarios import list_suites, load_suite
+
+        for name in list_suites():
+            suite = load_suite(name)
+            print(f"{name:12s} {len(suite.scenarios):3d} scenarios  {suite.description}")
+    else:
+        import fnmatch
+
+        from fct.scenarios import list_suites, load_suite
+
+        for name in list_suites():
+            for sc in load_suite(name).scenarios:
+                if fnmatch.fnmatchcase(sc.name, args.pattern) or fnmatch.fnmatchcase(
+                    f"{name}/{sc.name}", args.pattern
+                ):
+                    print(f"{name + '/' + sc.name:40s} {','.join(sc.kinds):45s} {sc.description}")
     return 0
 
 
@@ -62,11 +165,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gallery", help="npz gallery (default: the query set, leave-one-out)")
     ev.add_argument("--distance", choices=("l2", "cosine"), default="l2")
     ev.add_argument("--backend", choices=("torch", "faiss"), default="torch")
-    ev.add_argument("--device", default="cpu", help="cpu or cuda (torch backend, or faiss with GPU support)")
-    ev.add_argument("--paired", action="store_true",
-                    help="query i and gallery i are one item encoded by two models: exclude it")
+    ev.add_argument(
+        "--device", default="cpu", help="cpu or cuda (torch backend, or faiss with GPU support)"
+    )
+    ev.add_argument(
+        "--paired",
+        action="store_true",
+        help="query i and gallery i are one item encoded by two models: exclude it",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_cmd_evaluate)
+
+    run = sub.add_parser("run", help="run a suite: train, fit every method, evaluate, report")
+    run.add_argument("suite", help="suite name (suites/NAME.toml) or path to a .toml")
+    run.add_argument("--methods", help="comma-separated methods (default: the suite's)")
+    run.add_argument("--scenarios", help="comma-separated scenario name wildcards")
+    run.add_argument(
+        "--data-root", help="folder holding the datasets (else $FCT_DATA, system locations)"
+    )
+    run.add_argument(
+        "--download", action="store_true", help="let torchvision download missing datasets"
+    )
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seeds", help="comma-separated seeds to run one after another, e.g. 0,1,2")
+    run.add_argument(
+        "--force", action="store_true", help="rerun finished records and retrain their artifacts"
+    )
+    run.add_argument("--out", help="results folder (default results/SUITE)")
+    run.add_argument("--cache", help="artifact cache folder (default $FCT_CACHE or .fct-cache)")
+    run.add_argument(
+        "--plugin",
+        action="append",
+        help="module or .py file registering extra methods (repeatable)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser(
+        "report", help="leaderboard, tables, plots and index.html from run records"
+    )
+    rep.add_argument("suite")
+    rep.add_argument(
+        "--results", action="append", help="results folder(s) to merge (default results/SUITE)"
+    )
+    rep.add_argument("--out", help="where to write (default: the first results folder)")
+    rep.set_defaults(func=_cmd_report)
+
+    ls = sub.add_parser("list", help="list suites, scenarios, methods, datasets or losses")
+    ls.add_argument(
+        "what",
+        nargs="?",
+        default="scenarios",
+        choices=("suites", "scenarios", "methods", "datasets", "losses"),
+    )
+    ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter")
+    ls.add_argument(
+        "--plugin", action="append", help="module or .py file registering extra methods"
+    )
+    ls.set_defaults(func=_cmd_list)
     return p
 
 
@@ -84,7 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to continue from the finished work", file=sys.stderr)
+        print(
+            "error: interrupted; rerun the same command to continue from the finished work",
+            file=sys.stderr,
+        )
         return 130
 
 

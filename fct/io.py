@@ -27,7 +27,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except PermissionError as e:
-        raise FCTError(f"cannot write to {path.parent} ({e.strerror}); choose a writable folder") from e
+        raise FCTError(
+            f"cannot write to {path.parent} ({e.strerror}); choose a writable folder"
+        ) from e
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -37,7 +39,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
         if e.errno == 28:  # ENOSPC
-            raise FCTError(f"no space left on device while writing {path}; free disk space and rerun (finished work is kept)") from e
+            raise FCTError(
+                f"no space left on device while writing {path}; free disk space and rerun (finished work is kept)"
+            ) from e
         if isinstance(e, PermissionError):
             raise FCTError(f"cannot write {path} ({e.strerror}); choose a writable folder") from e
         raise
@@ -63,4 +67,6 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise FCTError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun") from e
+        raise FCTError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun"
+        ) from e

@@ -46,7 +46,9 @@ class GalleryIndex:
         self.perm = np.argsort(labels, kind="stable")
         self.inv = np.empty_like(self.perm)
         self.inv[self.perm] = np.arange(len(labels))
-        classes, starts, counts = np.unique(labels[self.perm], return_index=True, return_counts=True)
+        classes, starts, counts = np.unique(
+            labels[self.perm], return_index=True, return_counts=True
+        )
         self.start = dict(zip(classes.tolist(), starts.tolist()))
         self.count = dict(zip(classes.tolist(), counts.tolist()))
 
@@ -134,7 +136,9 @@ def block_metrics(
     col = torch.from_numpy(start)[:, None] + offs[None, :]
     in_block = offs[None, :] < torch.from_numpy(count)[:, None]
     col = torch.where(in_block, col, torch.zeros_like(col)).clamp_max(n - 1)
-    pos = torch.where(in_block, dist.gather(1, col), torch.full_like(col, 0, dtype=dist.dtype) + float("inf"))
+    pos = torch.where(
+        in_block, dist.gather(1, col), torch.full_like(col, 0, dtype=dist.dtype) + float("inf")
+    )
     # Stable sort keeps equal distances in column order = original gallery index order.
     pos_sorted, order = torch.sort(pos, dim=1, stable=True)
     pos_orig = torch.from_numpy(gallery.perm)[col.gather(1, order)]
@@ -191,8 +195,14 @@ def summarize(results: list[BlockResult]) -> dict[str, float | int]:
     ok = first > 0
     n_ok = int(ok.sum())
     if n_ok == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "mAP": float("nan"),
-                "mAP@R": float("nan"), "n_query": 0, "n_skipped": int(len(first))}
+        return {
+            "top1": float("nan"),
+            "top5": float("nan"),
+            "mAP": float("nan"),
+            "mAP@R": float("nan"),
+            "n_query": 0,
+            "n_skipped": int(len(first)),
+        }
     return {
         "top1": float(100.0 * np.mean(first[ok] <= 1)),
         "top5": float(100.0 * np.mean(first[ok] <= 5)),

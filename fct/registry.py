@@ -35,9 +35,7 @@ class Registry(Generic[T]):
 
         def deco(obj: T) -> T:
             if name in self._entries and self._entries[name] is not obj:
-                raise FCTError(
-                    f"{self.kind} '{name}' is already registered; choose another name"
-                )
+                raise FCTError(f"{self.kind} '{name}' is already registered; choose another name")
             self._entries[name] = obj
             return obj
 

@@ -47,17 +47,25 @@ class FeatureSet:
 def check_features(features: np.ndarray, labels: np.ndarray, name: str) -> None:
     """Validate shapes and values; raise FCTError with a one-line fix on bad input."""
     if features.ndim != 2:
-        raise FCTError(f"{name}: features must be 2-D [N, D], got shape {tuple(features.shape)}; reshape before saving")
+        raise FCTError(
+            f"{name}: features must be 2-D [N, D], got shape {tuple(features.shape)}; reshape before saving"
+        )
     if labels.ndim != 1:
         raise FCTError(f"{name}: labels must be 1-D [N], got shape {tuple(labels.shape)}")
     if len(features) == 0:
         raise FCTError(f"{name}: the set is empty; it needs at least two items")
     if len(labels) != len(features):
-        raise FCTError(f"{name}: {len(labels)} labels for {len(features)} feature rows; save one label per row")
+        raise FCTError(
+            f"{name}: {len(labels)} labels for {len(features)} feature rows; save one label per row"
+        )
     if not np.issubdtype(features.dtype, np.floating):
-        raise FCTError(f"{name}: features must be floating point, got {features.dtype}; save them as float32")
+        raise FCTError(
+            f"{name}: features must be floating point, got {features.dtype}; save them as float32"
+        )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise FCTError(f"{name}: labels must be integers, got {labels.dtype}; save class ids as int64")
+        raise FCTError(
+            f"{name}: labels must be integers, got {labels.dtype}; save class ids as int64"
+        )
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
         raise FCTError(
@@ -84,8 +92,13 @@ def load_npz(path: str | os.PathLike[str]) -> FeatureSet:
         raise
     except (ValueError, OSError, EOFError) as e:
         raise FCTError(f"{path}: not a readable npz file ({e}); save with np.savez") from e
-    return FeatureSet(np.ascontiguousarray(features, dtype=np.float32) if np.issubdtype(features.dtype, np.floating) else features,
-                      labels, name=str(path))
+    return FeatureSet(
+        np.ascontiguousarray(features, dtype=np.float32)
+        if np.issubdtype(features.dtype, np.floating)
+        else features,
+        labels,
+        name=str(path),
+    )
 
 
 def _prepare(x: np.ndarray, distance: str) -> np.ndarray:
@@ -132,7 +145,11 @@ def distance_blocks(
             yield s, d.clamp_min_(0).to("cpu", torch.float32)
     elif backend == "faiss":
         faiss = _faiss_module()
-        gpu = device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+        gpu = (
+            device.startswith("cuda")
+            and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0
+        )
         res = faiss.StandardGpuResources() if gpu else None
         for s in range(0, len(query), block_rows):
             q = query[s : s + block_rows]
@@ -176,7 +193,9 @@ def evaluate(
             f"feature size differs: query {query.features.shape[1]}-d, gallery "
             f"{gallery.features.shape[1]}-d; both sets must come from one embedding space"
         )
-    if paired and (len(query.labels) != len(gallery.labels) or not np.array_equal(query.labels, gallery.labels)):
+    if paired and (
+        len(query.labels) != len(gallery.labels) or not np.array_equal(query.labels, gallery.labels)
+    ):
         raise FCTError(
             "--paired needs the same items in the same order in query and gallery "
             f"({len(query.labels)} vs {len(gallery.labels)} items, or labels differ); drop --paired for unrelated sets"
@@ -199,7 +218,9 @@ def evaluate(
     if progress:
         from tqdm import tqdm
 
-        blocks = tqdm(blocks, total=-(-len(q) // block_rows), desc="evaluate", unit="block", leave=False)
+        blocks = tqdm(
+            blocks, total=-(-len(q) // block_rows), desc="evaluate", unit="block", leave=False
+        )
     for s, d in blocks:
         e = s + d.shape[0]
         self_index = np.arange(s, e) if self_pairs else None

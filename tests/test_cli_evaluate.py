@@ -33,13 +33,24 @@ def test_json_output_has_the_documented_keys(capsys, good):
     code, out, err = run(capsys, "evaluate", "--query", good, "--json")
     assert code == 0, err
     res = json.loads(out)
-    assert set(res) >= {"top1", "top5", "mAP", "mAP@R", "n_query", "n_gallery", "distance", "backend"}
+    assert set(res) >= {
+        "top1",
+        "top5",
+        "mAP",
+        "mAP@R",
+        "n_query",
+        "n_gallery",
+        "distance",
+        "backend",
+    }
     assert res["n_query"] == 40 and res["distance"] == "l2" and res["backend"] == "torch"
     assert 0 <= res["mAP"] <= 100
 
 
 def test_table_output_and_faiss_cosine(capsys, good):
-    code, out, _ = run(capsys, "evaluate", "--query", good, "--backend", "faiss", "--distance", "cosine")
+    code, out, _ = run(
+        capsys, "evaluate", "--query", good, "--backend", "faiss", "--distance", "cosine"
+    )
     assert code == 0
     assert "leave-one-out" in out and "top1" in out and "mAP@R" in out
 
@@ -63,7 +74,9 @@ def expect_error(capsys, argv, *needles):
 
 
 def test_missing_file(capsys, tmp_path):
-    expect_error(capsys, ["evaluate", "--query", str(tmp_path / "nope.npz")], "no such file", "features")
+    expect_error(
+        capsys, ["evaluate", "--query", str(tmp_path / "nope.npz")], "no such file", "features"
+    )
 
 
 def test_missing_npz_key(capsys, tmp_path):
@@ -80,7 +93,13 @@ def test_not_an_npz(capsys, tmp_path):
 
 def test_feature_size_differs(capsys, tmp_path, good):
     gal = save(tmp_path / "g.npz", np.zeros((4, 8), np.float32), np.arange(4))
-    expect_error(capsys, ["evaluate", "--query", good, "--gallery", gal], "feature size differs", "16-d", "8-d")
+    expect_error(
+        capsys,
+        ["evaluate", "--query", good, "--gallery", gal],
+        "feature size differs",
+        "16-d",
+        "8-d",
+    )
 
 
 def test_label_length_mismatch(capsys, tmp_path):
@@ -117,7 +136,9 @@ def test_single_item_class_is_counted_as_skipped(capsys, tmp_path):
 
 def test_paired_needs_matching_sets(capsys, tmp_path, good):
     gal = save(tmp_path / "g.npz", np.zeros((4, 16), np.float32), np.arange(4))
-    expect_error(capsys, ["evaluate", "--query", good, "--gallery", gal, "--paired"], "--paired needs")
+    expect_error(
+        capsys, ["evaluate", "--query", good, "--gallery", gal, "--paired"], "--paired needs"
+    )
     expect_error(capsys, ["evaluate", "--query", good, "--paired"], "--paired needs --gallery")
 
 

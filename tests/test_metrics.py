@@ -41,8 +41,13 @@ def brute_force(q, ql, g, gl, exclude_self: bool):
         r = int(rel.sum())
         head = ranked[:r]
         apr.append(float((np.cumsum(head) / np.arange(1, r + 1) * head).sum() / r))
-    return {"mAP": 100 * np.mean(ap), "top1": 100 * np.mean(top1), "top5": 100 * np.mean(top5),
-            "mAP@R": 100 * np.mean(apr), "n_query": len(ap)}
+    return {
+        "mAP": 100 * np.mean(ap),
+        "top1": 100 * np.mean(top1),
+        "top5": 100 * np.mean(top5),
+        "mAP@R": 100 * np.mean(apr),
+        "n_query": len(ap),
+    }
 
 
 def stable_knn(query, k, reference, ref_includes_query=False):
@@ -67,8 +72,11 @@ def test_leave_one_out_matches_oracles(seed, backend):
 
 def test_matches_pytorch_metric_learning():
     x, y = tie_heavy(300, 4, 9, 5)
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              knn_func=stable_knn, device=torch.device("cpu"))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        knn_func=stable_knn,
+        device=torch.device("cpu"),
+    )
     pml = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
     got = evaluate(FeatureSet(x, y))
     assert got["top1"] == pytest.approx(100 * pml["precision_at_1"], abs=1e-9)

@@ -1,0 +1,39 @@
+"""An example plugin: a closed-form linear map from old to new embeddings.
+
+The simplest thing a researcher might compare against FCT: fit ``new ≈ [old, 1] @ W`` by ridge
+regression on the training set's embeddings, then apply it to the stored gallery. Run it with
+
+    fct run quickstart --plugin examples/linear_map.py --methods fct,linear_map
+
+Everything it needs comes from the Context, which trains and caches the models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fct.methods import Deployment, Method, register_method
+
+
+@register_method("linear_map")
+class LinearMap(Method):
+    """Ridge regression old -> new embedding (no side-information, no training loop)."""
+
+    label = "Linear map"
+    ridge = 1e-3
+
+    def config(self) -> dict:
+        return super().config() | {"ridge": self.ridge}
+
+    def fit(self, ctx) -> Deployment:
+        old, new = ctx.old_model(), ctx.new_model()
+        x, _ = ctx.embed(old, "new-train")
+        y, _ = ctx.embed(new, "new-train")
+        x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
+        gram = x1.T @ x1 + self.ridge * len(x1) * torch.eye(x1.shape[1], dtype=torch.float64)
+        w = torch.linalg.solve(gram, x1.T @ y.double()).float()
+
+        def update(old_gallery: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+            return old_gallery @ w[:-1] + w[-1]
+
+        return Deployment(query_model=new, gallery_update=update, artifacts=(old, new))

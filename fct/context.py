@@ -1,0 +1,508 @@
+"""What a compatibility method is handed: trained models, data, embeddings, all cached.
+
+A method never trains or saves anything itself; it asks the Context, which builds each
+artifact once (keyed by everything that determines it) and loads it on every later request,
+in this process or a later run. Artifacts shared by several scenarios of a suite (one old
+model, one side-information model) therefore train once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fct.artifacts import Cache, Entry
+from fct.errors import FCTError
+from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec
+from fct.train import OptimConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+EMBED_BATCH = 512
+
+
+class ExtraLoss(Protocol):
+    """An extra term added to the new model's training loss (how BCT plugs in).
+
+    ``key()`` returns what determines the term (it becomes part of the new model's cache key);
+    ``prepare(ctx, model)`` runs once before training; ``__call__`` returns the term's value
+    for a batch, already weighted.
+    """
+
+    name: str
+
+    def key(self) -> dict: ...
+
+    def prepare(self, ctx: Context, model: nn.Module) -> None: ...
+
+    def __call__(
+        self, embedding: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class Trained:
+    """A trained, cached model with the key that identifies it."""
+
+    module: nn.Module
+    entry: Entry
+    train_seconds: float
+    spec: Any
+    built_now: bool
+
+    @property
+    def digest(self) -> str:
+        """Cache digest: changes whenever anything that determines the model changes."""
+        return self.entry.digest
+
+    @property
+    def name(self) -> str:
+        """Human-readable artifact name."""
+        return self.entry.name
+
+
+class SimCLRModel(nn.Module):
+    """An encoder (EmbeddingModel) plus SimCLR's projection MLP, used only for the loss."""
+
+    def __init__(self, encoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The side-information vector ψ(x) (the representation, before the projection)."""
+        return self.encoder.embed(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.encoder.embed(x))
+
+
+def _optim(spec: ModelSpec) -> OptimConfig:
+    return OptimConfig(
+        spec.optimizer, spec.lr, spec.momentum, spec.weight_decay, spec.epochs, spec.warmup_epochs
+    )
+
+
+@dataclass
+class Context:
+    """Everything a method may use for one scenario; every artifact goes through the cache."""
+
+    scenario: Scenario
+    cache: Cache
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    data_root: str | None = None
+    download: bool = False
+    force: bool = False
+    _sources: dict = field(default_factory=dict, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)
+    _forced: set = field(default_factory=set, repr=False)
+
+    # --- data ---------------------------------------------------------------------------
+
+    def source(self, spec: ModelSpec | EvalSpec, split: str = "train"):
+        """The ImageSource of a model spec's training data, or of the evaluation split."""
+        from fct.data import load_dataset
+
+        if isinstance(spec, EvalSpec):
+            split = spec.split
+        key = (spec.dataset, split, spec.classes, spec.max_per_class)
+        if key not in self._sources:
+            self._sources[key] = load_dataset(
+                spec.dataset,
+                split,
+                root=self.data_root,
+                classes=spec.classes,
+                max_per_class=spec.max_per_class,
+                download=self.download,
+            )
+        return self._sources[key]
+
+    def eval_source(self):
+        """The evaluation split (queries and gallery)."""
+        return self.source(self.scenario.eval)
+
+    def loader(self, spec: ModelSpec, augment: str | None, epoch: int = 0, shuffle: bool = True):
+        """A seeded training loader over ``spec``'s data."""
+        from fct.data import make_loader
+
+        src = self.source(spec)
+        return make_loader(
+            src,
+            spec.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            augment=augment,
+            device=self.device,
+            drop_last=len(src) > spec.batch_size,
+            epoch=epoch,
+            num_workers=4 if src.images is None else 0,
+        )
+
+    def _data_key(self, spec: ModelSpec | EvalSpec, split: str) -> dict:
+        return {
+            "dataset": spec.dataset,
+            "split": split,
+            "classes": spec.classes,
+            "max_per_class": spec.max_per_class,
+        }
+
+    # --- models ---------------------------------------------------------------------------
+
+    def _num_classes(self, spec: ModelSpec) -> int:
+        # Labels keep their dataset ids, so the classifier spans ids 0..end-1.
+        return spec.classes[1] if spec.classes else self.source(spec).num_classes
+
+    def _build_model(self, spec: ModelSpec, num_classes: int) -> nn.Module:
+        from fct.models import EmbeddingModel
+
+        src = self.source(spec)
+        return EmbeddingModel(
+            spec.arch,
+            spec.embedding_dim,
+            num_classes,
+            in_chans=src.channels,
+            image_size=spec.image_size or src.image_size,
+            embed_act=spec.embed_act,
+            arch_args=dict(spec.arch_args),
+            small_stem=spec.small_stem,
+        )
+
+    def _entry(self, kind: str, name: str, key: dict) -> Entry:
+        return self.cache.entry(kind, name, key)
+
+    def _load_or_train(
+        self, entry: Entry, module: nn.Module, fit: Callable[[Entry], TrainResult], spec: Any
+    ) -> Trained:
+        force = self.force and entry.digest not in self._forced
+        self._forced.add(entry.digest)
+
+        def build(e: Entry):
+            log.info("training %s/%s (cache %s)", e.kind, e.name, e.path)
+            result = fit(e)
+            return module.state_dict(), {
+                "train_seconds": result.seconds,
+                "resumed_from": result.resumed_from,
+                "final_loss": result.last_loss,
+                "images_per_s": result.images_per_s,
+            }
+
+        tensors, meta, built = self.cache.get_or_build(entry, build, force=force)
+        if not built:
+            module.load_state_dict(tensors)
+            log.info("loaded %s/%s from the cache", entry.kind, entry.name)
+        module.to(self.device).eval()
+        return Trained(module, entry, float(meta.get("train_seconds", 0.0)), spec, built)
+
+    def _model_name(self, spec: ModelSpec, tag: str = "") -> str:
+        classes = f"{spec.classes[0]}-{spec.classes[1] - 1}" if spec.classes else "all"
+        return f"{spec.arch}-{spec.dataset}-{classes}-{spec.loss}-{spec.embedding_dim}{tag}"
+
+    def _model_key(self, spec: ModelSpec, extra: dict | None = None) -> dict:
+        return {"spec": spec.as_dict(), "seed": self.seed, "extra": extra, "trainer": 1}
+
+    def _train_backbone(
+        self, spec: ModelSpec, entry: Entry, extra: ExtraLoss | None = None
+    ) -> Trained:
+        from fct.losses import make_loss
+
+        model = self._build_model(spec, self._num_classes(spec))
+
+        def fit(e: Entry) -> TrainResult:
+            loss_fn = make_loss(spec.loss, **dict(spec.loss_args))
+            if extra is not None:
+                extra.prepare(self, model)
+            loader = self.loader(spec, spec.augment)
+
+            def batches(epoch: int):
+                loader.set_epoch(epoch)
+                return loader
+
+            def step(batch) -> torch.Tensor:
+                x, y = batch
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                emb, logits = model(x)
+                loss = loss_fn(emb, logits, y, model.classifier.weight)
+                if extra is not None:
+                    loss = loss + extra(emb, logits, y)
+                return loss
+
+            if self.device.type == "cuda":
+                model.to(self.device, memory_format=torch.channels_last)
+            return train(
+                model,
+                step,
+                batches,
+                len(loader),
+                _optim(spec),
+                device=self.device,
+                seed=self.seed,
+                desc=f"{e.name}",
+                checkpoint_dir=e.partial,
+                items_per_batch=lambda b: len(b[1]),
+            )
+
+        return self._load_or_train(entry, model, fit, spec)
+
+    def old_model(self) -> Trained:
+        """The old model φ_old, trained on the old data with the old loss."""
+        spec = self.scenario.old
+        return self._memoized(
+            ("model", spec),
+            lambda: self._train_backbone(
+                spec, self._entry("models", self._model_name(spec), self._model_key(spec))
+            ),
+        )
+
+    def new_model(self, extra: ExtraLoss | None = None) -> Trained:
+        """The new model φ_new; with ``extra`` its training loss gains that term (e.g. BCT)."""
+        spec = self.scenario.new
+        extra_key = None if extra is None else {"name": extra.name, **extra.key()}
+        tag = "" if extra is None else f"-{extra.name}"
+        return self._memoized(
+            ("model", spec, str(extra_key)),
+            lambda: self._train_backbone(
+                spec,
+                self._entry(
+                    "models", self._model_name(spec, tag), self._model_key(spec, extra_key)
+                ),
+                extra,
+            ),
+        )
+
+    def side_model(self) -> Trained | None:
+        """The side-information model ψ (SimCLR, no labels, on the old training data)."""
+        spec = self.scenario.side
+        if spec is None:
+            return None
+        return self._memoized(("side", spec), lambda: self._train_side(spec))
+
+    def _train_side(self, spec: ModelSpec) -> Trained:
+        from fct.losses import nt_xent
+
+        model = SimCLRModel(self._build_model(spec, num_classes=1), spec.embedding_dim)
+        temperature = float(dict(spec.loss_args).get("temperature", 0.1))
+        entry = self._entry("models", self._model_name(spec), self._model_key(spec))
+
+        def fit(e: Entry) -> TrainResult:
+            loader = self.loader(spec, "simclr")
+
+            def batches(epoch: int):
+                loader.set_epoch(epoch)
+                return loader
+
+            def step(batch) -> torch.Tensor:
+                (x1, x2), _ = batch  # labels are never used
+                z = model(torch.cat([x1, x2]))
+                return nt_xent(z[: len(x1)], z[len(x1) :], temperature)
+
+            return train(
+                model,
+                step,
+                batches,
+                len(loader),
+                _optim(spec),
+                device=self.device,
+                seed=self.seed,
+                desc=e.name,
+                checkpoint_dir=e.partial,
+                items_per_batch=lambda b: 2 * len(b[1]),
+            )
+
+        return self._load_or_train(entry, model, fit, spec)
+
+    def _memoized(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    def embed(self, model: Trained, data: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and labels of a data split by ``model`` (cached).
+
+        ``data``: "eval" (the evaluation split), "new-train" or "old-train" (the new or old
+        model's training data, without augmentation).
+        """
+        spec, split = {
+            "eval": (self.scenario.eval, self.scenario.eval.split),
+            "new-train": (self.scenario.new, "train"),
+            "old-train": (self.scenario.old, "train"),
+        }[data]
+        key = {"model": model.digest, "data": self._data_key(spec, split)}
+        return self._memoized(("embed", str(key)), lambda: self._embed(model, spec, split, key))
+
+    def _embed(
+        self, model: Trained, spec, split: str, key: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from fct.data import make_loader
+
+        entry = self._entry("features", f"{model.name}-{spec.dataset}-{split}", key)
+
+        def build(e: Entry):
+            src = self.source(spec, split) if isinstance(spec, ModelSpec) else self.source(spec)
+            loader = make_loader(
+                src,
+                EMBED_BATCH,
+                shuffle=False,
+                seed=0,
+                device=self.device,
+                num_workers=4 if src.images is None else 0,
+            )
+            log.info(
+                "embedding %s (%d images) with %s", f"{spec.dataset}/{split}", len(src), model.name
+            )
+            t0 = time.perf_counter()
+            feats = embed_loader(model.module, loader, self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            return (
+                {"features": feats, "labels": torch.from_numpy(src.labels)},
+                {"images_per_s": len(src) / dt if dt > 0 else None, "n": len(src)},
+            )
+
+        tensors, meta, _ = self.cache.get_or_build(entry, build)
+        self._memo[("embed-speed", model.digest)] = meta.get("images_per_s")
+        return tensors["features"], tensors["labels"]
+
+    def embed_speed(self, model: Trained) -> float | None:
+        """Images per second measured when ``model`` embedded a split (the backfill cost)."""
+        return self._memo.get(("embed-speed", model.digest))
+
+    # --- transformation ---------------------------------------------------------------------
+
+    def transformation(
+        self,
+        new: Trained,
+        use_side: bool,
+        spec: TransformationSpec | None = None,
+        name: str = "h",
+        extra_key: dict | None = None,
+        module: nn.Module | None = None,
+        loss: Callable | None = None,
+    ) -> Trained:
+        """FCT's h: old (+ side) embedding -> new embedding, trained with MSE on cached
+        embeddings of the training data (``spec.train_on``: the new or the old training set).
+
+        ``module`` and ``loss(module, old, side, target)`` let a method train its own variant
+        through the same cached loop; ``extra_key`` must then say what differs.
+        """
+        from fct.losses import transformation_loss
+        from fct.models import Transformation
+
+        spec = spec or self.scenario.transformation
+        old = self.old_model()
+        side = self.side_model() if use_side else None
+        if use_side and side is None:
+            raise FCTError(
+                f"scenario '{self.scenario.name}' has no side-information model; set side_info = true or use fct"
+            )
+        data = f"{spec.train_on}-train"
+        key = {
+            "h": spec.as_dict(),
+            "old": old.digest,
+            "new": new.digest,
+            "side": side.digest if side else None,
+            "seed": self.seed,
+            "extra": extra_key,
+            "trainer": 1,
+        }
+        d_side = side.spec.embedding_dim if side else 0
+        h = module or Transformation(
+            old.spec.embedding_dim, new.spec.embedding_dim, d_side, spec.hidden
+        )
+        entry = self._entry("transformations", f"{name}-{new.name}{'-side' if side else ''}", key)
+
+        def fit(e: Entry) -> TrainResult:
+            x_old, _ = self.embed(old, data)
+            x_new, _ = self.embed(new, data)
+            x_side = self.embed(side, data)[0] if side else None
+            n = len(x_old)
+            bs = min(spec.batch_size, n)
+            steps = max(1, n // bs)
+            freeze_at = int(spec.epochs * (1 - spec.freeze_bn_fraction))
+
+            def batches(epoch: int):
+                gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+                perm = torch.randperm(n, generator=gen)
+                for i in range(steps):
+                    idx = perm[i * bs : (i + 1) * bs]
+                    yield (
+                        x_old[idx].to(self.device),
+                        None if x_side is None else x_side[idx].to(self.device),
+                        x_new[idx].to(self.device),
+                    )
+
+            def step(batch) -> torch.Tensor:
+                o, s, t = batch
+                if loss is not None:
+                    return loss(h, o, s, t)
+                return transformation_loss(h(o, s), t)
+
+            def on_epoch(epoch: int) -> None:
+                if epoch >= freeze_at and hasattr(h, "freeze_bn"):
+                    h.freeze_bn()
+
+            cfg = OptimConfig(
+                "adam", spec.lr, 0.0, spec.weight_decay, spec.epochs, spec.warmup_epochs
+            )
+            return train(
+                h,
+                step,
+                batches,
+                steps,
+                cfg,
+                device=self.device,
+                seed=self.seed,
+                desc=e.name,
+                checkpoint_dir=e.partial,
+                on_epoch_start=on_epoch,
+                items_per_batch=lambda b: len(b[0]),
+            )
+
+        return self._load_or_train(entry, h, fit, spec)
+
+
+@torch.inference_mode()
+def embed_loader(model: nn.Module, loader, device: torch.device) -> torch.Tensor:
+    """Embeddings of every batch of ``loader`` (eval mode, no augmentation), on the CPU."""
+    import sys
+
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    out = []
+    for x, _ in tqdm(loader, desc="embed", leave=False, disable=None, file=sys.stderr):
+        out.append(model.embed(x).float().cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def apply_transformation(
+    h: nn.Module,
+    old: torch.Tensor,
+    side: torch.Tensor | None,
+    device: torch.device,
+    batch: int = 4096,
+) -> tuple[torch.Tensor, float]:
+    """h applied to stored embeddings in batches; returns (new gallery, embeddings per second)."""
+    h.eval().to(device)
+    fast = h.folded() if hasattr(h, "folded") else h
+    fast.to(device)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(old), batch):
+        s = None if side is None else side[i : i + batch].to(device)
+        out.append(fast(old[i : i + batch].to(device), s).float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return torch.cat(out), (len(old) / dt if dt > 0 else float("inf"))

@@ -1,0 +1,215 @@
+"""Run a suite: every (scenario, method) -> one run record, then the suite's report.
+
+A record's path comes from its config: ``OUT/runs/SCENARIO/METHOD.json`` (seed 0) or
+``METHOD.seedN.json``. A record that exists and was made from the same config (scenario,
+method, seed: its ``config_hash``) is skipped; ``force`` reruns it and retrains its artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fct import retrieval
+from fct.artifacts import Cache
+from fct.context import Context, apply_transformation
+from fct.errors import FCTError
+from fct.io import read_json, write_json
+from fct.methods import METHODS, Deployment
+from fct.provenance import provenance
+from fct.scenarios import Scenario, Suite, config_hash
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+CASES = ("old/old", "new/new", "cross")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of one ``fct run``."""
+
+    out: Path
+    cache: Path | None = None
+    device: str = "auto"
+    seed: int = 0
+    force: bool = False
+    data_root: str | None = None
+    download: bool = False
+    methods: tuple[str, ...] | None = None
+    scenarios: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda when available; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FCTError(
+            "--device cuda was asked for but torch sees no GPU; use --device cpu or auto"
+        )
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise FCTError(f"unknown device '{name}'; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def record_path(out: Path, scenario: str, method: str, seed: int) -> Path:
+    """Where the run record of (scenario, method, seed) lives."""
+    stem = method if seed == 0 else f"{method}.seed{seed}"
+    return out / "runs" / scenario / f"{stem}.json"
+
+
+def _features(x: torch.Tensor, y: torch.Tensor, name: str) -> retrieval.FeatureSet:
+    return retrieval.FeatureSet(x.float().numpy(), y.numpy().astype(np.int64), name=name)
+
+
+def _round(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+def evaluate_deployment(ctx: Context, dep: Deployment) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The three cases of a deployment, plus the measured update costs."""
+    sc = ctx.scenario
+    opts = {
+        "distance": sc.eval.distance,
+        "backend": sc.eval.backend,
+        "device": "cuda" if ctx.device.type == "cuda" and sc.eval.backend == "torch" else "cpu",
+    }
+    old = ctx.old_model()
+    old_x, labels = ctx.embed(old, "eval")
+    new_x, _ = ctx.embed(dep.query_model, "eval")
+    side_x = ctx.embed(ctx.side_model(), "eval")[0] if dep.uses_side else None
+    cases = {}
+    memo_key = ("old/old", old.digest, str(opts))
+    if memo_key not in ctx._memo:
+        ctx._memo[memo_key] = retrieval.evaluate(_features(old_x, labels, "old/old"), **opts)
+    cases["old/old"] = ctx._memo[memo_key]
+    cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
+    costs: dict[str, Any] = {
+        "backfill_fraction": dep.backfill_fraction,
+        "backfill_images_per_s": ctx.embed_speed(dep.query_model),
+    }
+    if dep.transformation is not None:
+        gallery, speed = apply_transformation(dep.transformation.module, old_x, side_x, ctx.device)
+        costs["transform_embeddings_per_s"] = speed
+    elif dep.gallery_update is not None:
+        t0 = time.perf_counter()
+        gallery = dep.gallery_update(old_x, side_x)
+        dt = time.perf_counter() - t0
+        costs["transform_embeddings_per_s"] = len(old_x) / dt if dt > 0 else None
+    else:
+        gallery = old_x
+        costs["transform_embeddings_per_s"] = None
+    if gallery.shape != new_x.shape:
+        raise FCTError(
+            f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(new_x.shape)}; "
+            "the gallery update must map old embeddings into the new model's space"
+        )
+    cases["cross"] = retrieval.evaluate(
+        _features(new_x, labels, "query"),
+        _features(gallery, labels, "gallery"),
+        paired=True,
+        **opts,
+    )
+    t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
+    costs["speedup_vs_backfill"] = t / b if t and b else None
+    return {k: _round(v) for k, v in cases.items()}, _round(costs)
+
+
+def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
+    """Fit one method on the context's scenario, evaluate it, write its run record."""
+    sc = ctx.scenario
+    method = METHODS.get(method_name)()
+    path = record_path(opts.out, sc.name, method_name, opts.seed)
+    digest = config_hash(
+        {"scenario": sc.as_dict(), "method": method.config(), "seed": opts.seed, "schema": SCHEMA}
+    )
+    if path.exists() and not opts.force:
+        try:
+            if read_json(path).get("config_hash") == digest:
+                log.info("%s / %s: up to date (%s), skipped", sc.name, method_name, path)
+                return path
+        except FCTError:
+            log.warning("%s is unreadable; rerunning it", path)
+        log.info(
+            "%s / %s: config changed since %s was written; rerunning", sc.name, method_name, path
+        )
+    log.info("%s / %s: fitting on %s (seed %d)", sc.name, method_name, ctx.device, opts.seed)
+    t0 = time.perf_counter()
+    dep = method.fit(ctx)
+    cases, costs = evaluate_deployment(ctx, dep)
+    costs["train_seconds"] = round(sum(a.train_seconds for a in dep.artifacts if a is not None), 2)
+    wall = time.perf_counter() - t0
+    record = {
+        "schema": SCHEMA,
+        "suite": sc.suite,
+        "scenario": sc.name,
+        "method": method_name,
+        "seed": opts.seed,
+        "config_hash": digest,
+        "scenario_config": sc.as_dict(),
+        "method_config": method.config(),
+        "cases": cases,
+        "costs": costs,
+        "artifacts": {
+            a.entry.kind + "/" + a.name: a.digest for a in dep.artifacts if a is not None
+        },
+        "provenance": provenance(str(ctx.device), opts.seed, wall),
+    }
+    write_json(path, record)
+    c = cases["cross"]
+    log.info(
+        "%s / %s: cross top1 %.2f mAP %.2f (old/old mAP %.2f, new/new mAP %.2f) -> %s",
+        sc.name,
+        method_name,
+        c["top1"],
+        c["mAP"],
+        cases["old/old"]["mAP"],
+        cases["new/new"]["mAP"],
+        path,
+    )
+    return path
+
+
+def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
+    """Run the selected scenarios and methods of ``suite``; write records and the report."""
+    device = resolve_device(opts.device)
+    cache = Cache(opts.cache)
+    scenarios: list[Scenario] = suite.select(opts.scenarios)
+    written: list[Path] = []
+    log.info(
+        "suite %s: %d scenario(s) on %s; records -> %s/runs, cache -> %s",
+        suite.name,
+        len(scenarios),
+        device,
+        opts.out,
+        cache.root,
+    )
+    forced_keys: set = set()
+    for sc in scenarios:
+        methods = opts.methods or sc.methods
+        for m in methods:
+            METHODS.get(m)  # unknown names fail before any training
+        ctx = Context(
+            sc,
+            cache,
+            device=device,
+            seed=opts.seed,
+            data_root=opts.data_root,
+            download=opts.download,
+            force=opts.force,
+            _forced=forced_keys,
+        )
+        for m in methods:
+            written.append(run_one(ctx, m, opts))
+    from fct.report import build_report
+
+    build_report(suite.name, [opts.out], opts.out)
+    log.info("report written to %s", opts.out)
+    return written

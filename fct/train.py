@@ -1,0 +1,271 @@
+"""One training loop for backbones, side-information models and transformations.
+
+SGD or AdamW, per-step cosine schedule with linear warm-up, bf16 autocast and channels_last on
+GPU, a progress bar, an atomic checkpoint after every epoch and resume from the last one. Each
+epoch reseeds torch from (seed, epoch) and the loaders shuffle and augment from (seed, epoch),
+so a resumed run continues exactly where an uninterrupted one would be (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fct.errors import FCTError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule of one training run."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    """What a finished training reports."""
+
+    seconds: float  # wall time of this process's share (resumed epochs not counted twice)
+    epochs: int
+    last_loss: float
+    resumed_from: int  # epochs found in a checkpoint (0 = fresh start)
+    images_per_s: float
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser named in ``cfg``."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        # The FCT reference trains h with Adam and L2 weight decay.
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise FCTError(f"unknown optimizer '{cfg.optimizer}'; choose sgd, adamw or adam")
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The torch seed used for ``epoch`` (dropout, init of lazily built parts, ...)."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as safetensors-ready tensors plus JSON for everything else."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], extra: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in extra["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": extra["param_groups"]}
+
+
+def save_checkpoint(
+    folder: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer, info: dict
+) -> None:
+    """Write ``folder/epoch-NNNN`` atomically (temp dir + rename), then drop older ones."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"epoch-{epoch:04d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=folder))
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            str(tmp / "model.safetensors"),
+        )
+        opt_tensors, opt_extra = _flatten_optimizer(opt)
+        save_file(opt_tensors, str(tmp / "optim.safetensors"))
+        # state.json is written last: its presence marks a complete checkpoint.
+        (tmp / "state.json").write_text(
+            json.dumps({"epoch": epoch, "optim": opt_extra, **info}, default=float)
+        )
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == 28:
+            raise FCTError(
+                f"no space left on device while checkpointing to {folder}; free disk space and rerun: training resumes from the last complete epoch"
+            ) from e
+        raise
+    for old in folder.glob("epoch-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore the newest complete checkpoint in ``folder``; return its epoch (0 if none).
+
+    A checkpoint that cannot be read is skipped with a warning (training starts over).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not folder.is_dir():
+        return 0
+    for ckpt in sorted(folder.glob("epoch-*"), reverse=True):
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            opt.load_state_dict(
+                _unflatten_optimizer(load_file(str(ckpt / "optim.safetensors")), state["optim"])
+            )
+            return int(state["epoch"])
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            log.warning("checkpoint %s is unreadable (%s); ignoring it", ckpt, e)
+    return 0
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    step_loss: Callable[[Any], torch.Tensor],
+    batches: Callable[[int], Iterable[Any]],
+    steps_per_epoch: int,
+    cfg: OptimConfig,
+    *,
+    device: torch.device,
+    seed: int,
+    desc: str,
+    checkpoint_dir: Path | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    items_per_batch: Callable[[Any], int] | None = None,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs.
+
+    ``batches(epoch)`` yields the epoch's batches; ``step_loss(batch)`` returns the scalar loss
+    (the caller does the forward pass, under the autocast set here). ``on_epoch_start(epoch)``
+    runs before each epoch (e.g. to freeze BatchNorm late in training). A non-finite loss stops
+    training with an FCTError naming the learning rate; the last good checkpoint is kept.
+    """
+    from tqdm import tqdm
+
+    model.to(device)
+    opt = make_optimizer(params if params is not None else model.parameters(), cfg)
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    start = load_checkpoint(checkpoint_dir, model, opt) if checkpoint_dir else 0
+    if start:
+        log.info(
+            "%s: resuming from the checkpoint of epoch %d/%d in %s",
+            desc,
+            start,
+            cfg.epochs,
+            checkpoint_dir,
+        )
+    cuda = device.type == "cuda"
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cuda
+        else torch.autocast("cpu", enabled=False)
+    )
+    t0 = time.perf_counter()
+    seen = 0
+    last = float("nan")
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(epoch_seed(seed, epoch))
+        if on_epoch_start:
+            on_epoch_start(epoch)
+        model.train()
+        if on_epoch_start:  # model.train() may undo what the callback set; run it again
+            on_epoch_start(epoch)
+        bar = tqdm(
+            batches(epoch),
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None,
+            file=sys.stderr,
+        )
+        e0, wait, running, n = time.perf_counter(), 0.0, 0.0, 0
+        w0 = time.perf_counter()
+        for i, batch in enumerate(bar):
+            wait += time.perf_counter() - w0
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
+            with autocast:
+                loss = step_loss(batch)
+            if not torch.isfinite(loss):
+                kept = (
+                    f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
+                )
+                raise FCTError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} while training {desc}; "
+                    f"{kept}; lower the learning rate (now lr = {cfg.lr}) in the suite file and rerun"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running += float(loss.detach())
+            n += 1
+            seen += items_per_batch(batch) if items_per_batch else 0
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{running / n:.4f}")
+            w0 = time.perf_counter()
+        bar.close()
+        last = running / max(1, n)
+        dt = time.perf_counter() - e0
+        log.info(
+            "%s epoch %d/%d: loss %.4f, %.1fs, %.0f%% waiting for data",
+            desc,
+            epoch + 1,
+            cfg.epochs,
+            last,
+            dt,
+            100 * wait / max(dt, 1e-9),
+        )
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, epoch + 1, model, opt, {"loss": last})
+    seconds = time.perf_counter() - t0
+    model.eval()
+    return TrainResult(seconds, cfg.epochs, last, start, seen / seconds if seconds > 0 else 0.0)

@@ -1,0 +1,160 @@
+"""The `tiny` suite end to end through `fct run`: records, skipping, plugins, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fct.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    out, cache = base / "results", base / "cache"
+    assert main(["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]) == 0
+    return out, cache
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))}
+
+
+def test_every_method_writes_a_complete_record(tiny_run):
+    out, _ = tiny_run
+    recs = records(out)
+    assert set(recs) == {"independent", "bct", "fct", "fct_side"}
+    for name, r in recs.items():
+        assert r["suite"] == "tiny" and r["scenario"] == "half-classes" and r["method"] == name
+        for case in ("old/old", "new/new", "cross"):
+            for key in ("top1", "top5", "mAP", "mAP@R"):
+                assert 0.0 <= r["cases"][case][key] <= 100.0
+            assert r["cases"][case]["n_query"] == 320
+        prov = r["provenance"]
+        for key in (
+            "fct_version",
+            "git_sha",
+            "torch",
+            "timm",
+            "faiss",
+            "device",
+            "seed",
+            "date",
+            "wall_seconds",
+        ):
+            assert key in prov
+        assert r["costs"]["train_seconds"] > 0
+    # One old model for all methods: old/old is identical everywhere.
+    assert len({json.dumps(r["cases"]["old/old"], sort_keys=True) for r in recs.values()}) == 1
+    # Methods that keep the old gallery have no transformation cost; FCT's is measured.
+    assert recs["independent"]["costs"]["transform_embeddings_per_s"] is None
+    assert recs["fct"]["costs"]["transform_embeddings_per_s"] > 0
+    # BCT's new model is its own; FCT's new model is the independent one.
+    assert recs["fct"]["cases"]["new/new"] == recs["independent"]["cases"]["new/new"]
+    assert recs["bct"]["cases"]["new/new"] != recs["independent"]["cases"]["new/new"]
+
+
+def test_compatibility_findings_on_tiny(tiny_run):
+    recs = records(tiny_run[0])
+    old = recs["fct"]["cases"]["old/old"]["mAP"]
+    # Independent models are incompatible; FCT's transformed gallery beats old/old.
+    assert recs["independent"]["cases"]["cross"]["mAP"] < old
+    assert recs["fct"]["cases"]["cross"]["mAP"] > old
+    assert recs["fct_side"]["cases"]["cross"]["mAP"] > old
+
+
+def test_report_files_are_written(tiny_run):
+    out, _ = tiny_run
+    for name in ("leaderboard.md", "leaderboard.csv", "index.html", "tables/half-classes.md"):
+        assert (out / name).stat().st_size > 0
+    assert "FCT" in (out / "leaderboard.md").read_text()
+
+
+def test_rerun_trains_nothing_and_keeps_records(tiny_run, caplog):
+    out, cache = tiny_run
+    before = {k: v["provenance"]["date"] for k, v in records(out).items()}
+    caplog.set_level("INFO")
+    assert main(["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]) == 0
+    assert "training" not in caplog.text
+    assert caplog.text.count("up to date") == 4
+    assert {k: v["provenance"]["date"] for k, v in records(out).items()} == before
+
+
+def test_method_subset_and_force_rerun(tiny_run, caplog):
+    out, cache = tiny_run
+    caplog.set_level("INFO")
+    assert (
+        main(
+            [
+                "run",
+                "tiny",
+                "--out",
+                str(out),
+                "--cache",
+                str(cache),
+                "--methods",
+                "fct",
+                "--force",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert "fct: fitting" in caplog.text and "independent: fitting" not in caplog.text
+    assert "training models/" in caplog.text  # --force retrains what the method uses
+
+
+def test_example_plugin_runs(tiny_run, capsys):
+    out, cache = tiny_run
+    plugin = str(ROOT / "examples" / "linear_map.py")
+    assert (
+        main(
+            [
+                "run",
+                "tiny",
+                "--out",
+                str(out),
+                "--cache",
+                str(cache),
+                "--plugin",
+                plugin,
+                "--methods",
+                "linear_map",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    rec = records(out)["linear_map"]
+    assert rec["method_config"] == {"name": "linear_map", "label": "Linear map", "ridge": 1e-3}
+    assert rec["cases"]["cross"]["mAP"] > records(out)["independent"]["cases"]["cross"]["mAP"]
+    assert rec["costs"]["transform_embeddings_per_s"] > 0
+    capsys.readouterr()
+    assert main(["list", "methods", "--plugin", plugin]) == 0
+    assert "linear_map" in capsys.readouterr().out
+
+
+def test_unknown_method_and_plugin_errors(tmp_path, capsys):
+    assert main(["run", "tiny", "--methods", "fct_sid", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'fct_sid'" in err and "did you mean 'fct_side'" in err
+    bad = tmp_path / "broken.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    assert main(["run", "tiny", "--plugin", str(bad), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "failed to import" in err
+        and "ModuleNotFoundError" in err
+        and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_unknown_suite(capsys):
+    assert main(["run", "quickstar"]) == 2
+    assert "did you mean 'quickstart'" in capsys.readouterr().err
