@@ -60,6 +60,26 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none", default=False)
+def quickstart(session: nox.Session) -> None:
+    """The quickstart suite on Fashion-MNIST (CPU minutes); results in results/quickstart/."""
+    _fct(session, "run", "quickstart", *session.posargs)
+
+
+def _suite_session(name: str, doc: str):
+    def session_fn(session: nox.Session) -> None:
+        _fct(session, "run", name, *session.posargs)
+
+    session_fn.__doc__ = doc
+    return nox.session(name=f"{name}_suite", venv_backend="none", default=False)(session_fn)
+
+
+cifar100_suite = _suite_session("cifar100", "CIFAR-100 paper suite (-- --data-root DIR, --smoke, ...)")
+imagenet_suite = _suite_session("imagenet", "ImageNet paper suite (-- --data-root /data/imagenet, ...)")
+places365_suite = _suite_session("places365", "Places-365 paper suite (-- --data-root DIR, ...)")
+vggface2_suite = _suite_session("vggface2", "VGGFace2 paper suite (-- --data-root DIR, ...)")
+
+
+@nox.session(venv_backend="none", default=False)
 def bench(session: nox.Session) -> None:
     """Throughput and metric benchmarks (pytest-benchmark); figures go to results/bench/."""
     python = _shared_env(session)

@@ -12,7 +12,10 @@ Layout under the cache root (``$FCT_CACHE`` or ``.fct-cache/``)::
 DIGEST hashes the key: everything that determines the artifact (specs, seed, the keys of the
 artifacts it was built from, the artifact format version). A change of any input gives a new
 digest, so only what depends on it is rebuilt. A finished entry whose manifest does not match
-its files (truncated, corrupted, edited) is reported in one line, moved aside and rebuilt.
+its files (truncated, corrupted, edited, or holding a file the manifest does not list) is
+reported in one line, moved to ``KIND/.corrupt/`` and rebuilt; nothing unverified is loaded.
+Temp folders (``KIND/.NAME-DIGEST.*``) left by a killed process are removed by the next
+holder of the entry's lock.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 from fct.errors import FCTError
+from fct.io import DISK_FULL, fsync_dir, write_safetensors
 from fct.scenarios import config_hash
 
 log = logging.getLogger(__name__)
@@ -105,14 +109,23 @@ class Entry:
         return load_file(str(self.path / TENSORS)), meta
 
     def save(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Write the artifact into a temp directory, then rename it into place."""
-        from safetensors.torch import save_file
+        """Write the artifact into a temp directory, then rename it into place.
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        The manifest is written last and the directory renamed into place after every file is
+        fsynced, so a reader (or a later run after a crash) sees either no entry or a complete
+        one. A full disk raises FCTError; entries already finished are untouched.
+        """
         try:
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        except OSError as e:
+            raise FCTError(
+                f"cannot write to the cache folder {self.path.parent} ({e.strerror or e}); "
+                "free disk space or set FCT_CACHE (or --cache) to a writable folder"
+            ) from e
+        try:
+            write_safetensors(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / TENSORS
             )
             (tmp / META).write_text(
                 json.dumps(
@@ -135,9 +148,10 @@ class Entry:
             if self.path.exists():  # a stale or concurrent copy: ours is as good
                 shutil.rmtree(self.path)
             os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno == 28:
+            if e.errno in DISK_FULL:
                 raise FCTError(
                     f"no space left on device while writing {self.path}; free disk space (or set FCT_CACHE to a larger disk) and rerun: finished artifacts are kept"
                 ) from e
@@ -165,6 +179,11 @@ def _check_manifest(path: Path) -> str | None:
             return f"{name} has {f.stat().st_size} bytes, manifest says {want['bytes']}"
         if _sha256(f) != want["sha256"]:
             return f"{name} checksum mismatch"
+    # The cache writes exactly these three files; anything else was put there by someone else
+    # (a planted model.pt, say) and makes the whole entry untrusted.
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (TENSORS, META, MANIFEST))
+    if extra:
+        return f"unexpected file {extra[0]}"
     return None
 
 
@@ -177,7 +196,7 @@ class Cache:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise FCTError(
-                f"cannot create cache folder {self.root} ({e.strerror}); set FCT_CACHE to a writable folder"
+                f"cannot create cache folder {self.root} ({e.strerror}); set --cache or FCT_CACHE to a writable folder"
             ) from e
 
     def entry(self, kind: str, name: str, key: dict) -> Entry:
@@ -206,11 +225,30 @@ class Cache:
         build: Callable[[Entry], tuple[dict[str, torch.Tensor], dict[str, Any]]],
         force: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict, bool]:
-        """Load ``entry`` or build and save it; returns (tensors, meta, built_now)."""
+        """Load ``entry`` or build and save it; returns (tensors, meta, built_now).
+
+        ``build`` runs with the caller's torch random stream forked (see
+        ``fct.train.isolated_rng``): building an artifact or loading it from the cache leaves the
+        caller's stream in the same state, so what runs next does not depend on the cache.
+        """
+        from fct.train import isolated_rng
+
         with self.lock(entry):
+            _remove_stale_temps(entry)
             if not force and entry.verify():
                 tensors, meta = entry.load()
                 return tensors, meta, False
-            tensors, meta = build(entry)
+            if force:  # a forced rebuild starts over, not from the last run's checkpoints
+                shutil.rmtree(entry.partial, ignore_errors=True)
+            with isolated_rng():
+                tensors, meta = build(entry)
             entry.save(tensors, meta)
             return tensors, json.loads((entry.path / META).read_text()), True
+
+
+def _remove_stale_temps(entry: Entry) -> None:
+    """Delete temp folders of ``entry`` that a killed writer left (the caller holds the lock)."""
+    parent = entry.path.parent
+    if parent.is_dir():
+        for tmp in parent.glob(f".{entry.path.name}.*"):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ status 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -77,16 +78,53 @@ def _results_dir(args: argparse.Namespace, suite: str) -> Path:
     return Path(args.out) if args.out else Path("results") / suite
 
 
+def _parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as a list of distinct non-negative integers, in the given order."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise FCTError(
+            f"--seeds takes distinct non-negative integers separated by commas, e.g. 0,1,2; got {text!r}"
+        )
+    return seeds
+
+
+def _os_error_message(e: OSError) -> str | None:
+    """One line for an environment error that escaped the FCTError checks, or None.
+
+    Full disks and unwritable folders are caught where fct writes; this is the net under
+    them (a lock file, a library writing for us), so the user still gets one line naming the
+    fix. Other OSErrors are bugs or unexpected and keep their traceback.
+    """
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device{where}; free disk space and rerun the same command: finished work is kept"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return (
+            f"{e.strerror}{where}; check that path (--out and --cache must be writable folders, "
+            "--data-root readable) and rerun"
+        )
+    return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fct.runner import RunOptions, run_suite
     from fct.scenarios import load_suite
 
     _load_plugins(args)
     suite = load_suite(args.suite)
+    if args.smoke:
+        from fct.scenarios import smoke_suite
+
+        suite = smoke_suite(suite)
+        if not args.out:
+            args.out = str(Path("results") / f"{suite.name}-smoke")
     methods = (
         tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     )
-    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed]
     for seed in seeds:
         opts = RunOptions(
             out=_results_dir(args, suite.name),
@@ -187,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--download", action="store_true", help="let torchvision download missing datasets"
     )
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    run.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink every scenario (10 classes, 4 images each, 1 epoch, 32px) to test the wiring",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--seeds", help="comma-separated seeds to run one after another, e.g. 0,1,2")
     run.add_argument(
@@ -223,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", help="module or .py file registering extra methods"
     )
     ls.set_defaults(func=_cmd_list)
+    from fct.throughput import add_parser as _add_bench
+
+    _add_bench(sub)
     return p
 
 
@@ -239,6 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FCTError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        message = _os_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return FCTError.exit_code
     except KeyboardInterrupt:
         print(
             "error: interrupted; rerun the same command to continue from the finished work",

@@ -19,8 +19,8 @@ from torch import nn
 
 from fct.artifacts import Cache, Entry
 from fct.errors import FCTError
-from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec
-from fct.train import OptimConfig, TrainResult, train
+from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec, config_hash
+from fct.train import OptimConfig, TrainResult, isolated_rng, train
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ class ExtraLoss(Protocol):
     ``key()`` returns what determines the term (it becomes part of the new model's cache key);
     ``prepare(ctx, model)`` runs once before training; ``__call__`` returns the term's value
     for a batch, already weighted.
+
+    A term that needs the batch's images (e.g. to embed them with the frozen old model, as RACT
+    and L2-BCT do) sets the class attribute ``wants_images = True``; it is then called with
+    the images as the keyword argument ``x`` (as fed to the new model: augmented, on the
+    device). Terms without the attribute are called with the three arguments only.
     """
 
     name: str
@@ -106,15 +111,19 @@ class Context:
 
     # --- data ---------------------------------------------------------------------------
 
-    def source(self, spec: ModelSpec | EvalSpec, split: str = "train"):
-        """The ImageSource of a model spec's training data, or of the evaluation split."""
+    def source(self, spec: ModelSpec | EvalSpec, split: str = "train", size: int | None = None):
+        """The ImageSource of a model spec's training data, or of the evaluation split.
+
+        Images come at ``size``, else the model spec's ``image_size``, else the native size.
+        """
         from fct.data import load_dataset
 
         if isinstance(spec, EvalSpec):
             split = spec.split
-        key = (spec.dataset, split, spec.classes, spec.max_per_class)
+        size = size or (spec.image_size if isinstance(spec, ModelSpec) else None)
+        key = (spec.dataset, split, spec.classes, spec.max_per_class, size)
         if key not in self._sources:
-            self._sources[key] = load_dataset(
+            src = load_dataset(
                 spec.dataset,
                 split,
                 root=self.data_root,
@@ -122,6 +131,7 @@ class Context:
                 max_per_class=spec.max_per_class,
                 download=self.download,
             )
+            self._sources[key] = src.resized(size) if size else src
         return self._sources[key]
 
     def eval_source(self):
@@ -145,12 +155,13 @@ class Context:
             num_workers=4 if src.images is None else 0,
         )
 
-    def _data_key(self, spec: ModelSpec | EvalSpec, split: str) -> dict:
+    def _data_key(self, spec: ModelSpec | EvalSpec, split: str, size: int | None) -> dict:
         return {
             "dataset": spec.dataset,
             "split": split,
             "classes": spec.classes,
             "max_per_class": spec.max_per_class,
+            "image_size": size,
         }
 
     # --- models ---------------------------------------------------------------------------
@@ -168,11 +179,20 @@ class Context:
             spec.embedding_dim,
             num_classes,
             in_chans=src.channels,
-            image_size=spec.image_size or src.image_size,
+            image_size=src.image_size,
             embed_act=spec.embed_act,
             arch_args=dict(spec.arch_args),
             small_stem=spec.small_stem,
         )
+
+    def _init_seed(self, *what: Any) -> int:
+        """The torch seed for a module's initial weights: from what it is and the run's seed.
+
+        Seeding each module from its own description, not from whatever the global stream holds
+        by then, gives it the same initial weights whichever artifacts this process trained or
+        loaded before it (an interrupted and resumed run, a ``--methods`` subset).
+        """
+        return int(config_hash({"init": list(what), "seed": self.seed}), 16)
 
     def _entry(self, kind: str, name: str, key: dict) -> Entry:
         return self.cache.entry(kind, name, key)
@@ -212,7 +232,8 @@ class Context:
     ) -> Trained:
         from fct.losses import make_loss
 
-        model = self._build_model(spec, self._num_classes(spec))
+        with isolated_rng(self._init_seed(spec.as_dict())):
+            model = self._build_model(spec, self._num_classes(spec))
 
         def fit(e: Entry) -> TrainResult:
             loss_fn = make_loss(spec.loss, **dict(spec.loss_args))
@@ -231,7 +252,10 @@ class Context:
                 emb, logits = model(x)
                 loss = loss_fn(emb, logits, y, model.classifier.weight)
                 if extra is not None:
-                    loss = loss + extra(emb, logits, y)
+                    # Only terms that ask for the images get them: older ExtraLoss
+                    # implementations take exactly (embedding, logits, labels).
+                    images = {"x": x} if getattr(extra, "wants_images", False) else {}
+                    loss = loss + extra(emb, logits, y, **images)
                 return loss
 
             if self.device.type == "cuda":
@@ -287,7 +311,8 @@ class Context:
     def _train_side(self, spec: ModelSpec) -> Trained:
         from fct.losses import nt_xent
 
-        model = SimCLRModel(self._build_model(spec, num_classes=1), spec.embedding_dim)
+        with isolated_rng(self._init_seed(spec.as_dict())):
+            model = SimCLRModel(self._build_model(spec, num_classes=1), spec.embedding_dim)
         temperature = float(dict(spec.loss_args).get("temperature", 0.1))
         entry = self._entry("models", self._model_name(spec), self._model_key(spec))
 
@@ -336,7 +361,9 @@ class Context:
             "new-train": (self.scenario.new, "train"),
             "old-train": (self.scenario.old, "train"),
         }[data]
-        key = {"model": model.digest, "data": self._data_key(spec, split)}
+        # Every model sees images at the size it was trained at.
+        size = getattr(model.spec, "image_size", None)
+        key = {"model": model.digest, "data": self._data_key(spec, split, size)}
         return self._memoized(("embed", str(key)), lambda: self._embed(model, spec, split, key))
 
     def _embed(
@@ -347,7 +374,7 @@ class Context:
         entry = self._entry("features", f"{model.name}-{spec.dataset}-{split}", key)
 
         def build(e: Entry):
-            src = self.source(spec, split) if isinstance(spec, ModelSpec) else self.source(spec)
+            src = self.source(spec, split, size=key["data"]["image_size"])
             loader = make_loader(
                 src,
                 EMBED_BATCH,
@@ -393,7 +420,9 @@ class Context:
         embeddings of the training data (``spec.train_on``: the new or the old training set).
 
         ``module`` and ``loss(module, old, side, target)`` let a method train its own variant
-        through the same cached loop; ``extra_key`` must then say what differs.
+        through the same cached loop; ``extra_key`` must then say what differs. A ``loss``
+        with a ``labels`` parameter also gets the batch's class labels (int64 ``[N]``, on the
+        device) as ``labels=`` (FastFill's classification term needs them).
         """
         from fct.losses import transformation_loss
         from fct.models import Transformation
@@ -416,13 +445,18 @@ class Context:
             "trainer": 1,
         }
         d_side = side.spec.embedding_dim if side else 0
-        h = module or Transformation(
-            old.spec.embedding_dim, new.spec.embedding_dim, d_side, spec.hidden
-        )
+        with isolated_rng(
+            self._init_seed(spec.as_dict(), old.spec.embedding_dim, new.spec.embedding_dim, d_side)
+        ):
+            h = module or Transformation(
+                old.spec.embedding_dim, new.spec.embedding_dim, d_side, spec.hidden
+            )
         entry = self._entry("transformations", f"{name}-{new.name}{'-side' if side else ''}", key)
 
+        wants_labels = loss is not None and _accepts_labels(loss)
+
         def fit(e: Entry) -> TrainResult:
-            x_old, _ = self.embed(old, data)
+            x_old, y = self.embed(old, data)
             x_new, _ = self.embed(new, data)
             x_side = self.embed(side, data)[0] if side else None
             n = len(x_old)
@@ -439,12 +473,13 @@ class Context:
                         x_old[idx].to(self.device),
                         None if x_side is None else x_side[idx].to(self.device),
                         x_new[idx].to(self.device),
+                        y[idx].to(self.device) if wants_labels else None,
                     )
 
             def step(batch) -> torch.Tensor:
-                o, s, t = batch
+                o, s, t, labels = batch
                 if loss is not None:
-                    return loss(h, o, s, t)
+                    return loss(h, o, s, t, labels=labels) if wants_labels else loss(h, o, s, t)
                 return transformation_loss(h(o, s), t)
 
             def on_epoch(epoch: int) -> None:
@@ -469,6 +504,21 @@ class Context:
             )
 
         return self._load_or_train(entry, h, fit, spec)
+
+
+def _accepts_labels(fn: Callable) -> bool:
+    """Whether ``fn`` takes a ``labels`` keyword (by name or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == "labels" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in params
+    )
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from fct.errors import FCTError
+
+# ENOSPC and EDQUOT: a full disk or an exhausted quota read the same to a user.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -26,19 +36,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-    except PermissionError as e:
+    except OSError as e:
+        # Not a folder (a file in the way), no permission, read-only or full file system.
         raise FCTError(
-            f"cannot write to {path.parent} ({e.strerror}); choose a writable folder"
+            f"cannot write to {path.parent} ({e.strerror or e}); choose a writable folder"
+            f"{' and free disk space' if e.errno in DISK_FULL else ''}"
         ) from e
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno == 28:  # ENOSPC
+        if e.errno in DISK_FULL:
             raise FCTError(
                 f"no space left on device while writing {path}; free disk space and rerun (finished work is kept)"
             ) from e
@@ -48,6 +63,51 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries to disk, so a rename into it survives a power cut too."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some file systems do not open folders; the rename itself is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike[str]) -> None:
+    """Write ``tensors`` (name -> CPU tensor) to ``path`` in safetensors format, fsynced.
+
+    The bytes are serialised in memory and written by Python rather than by
+    ``safetensors.torch.save_file``, so a failed write (a full disk) raises OSError here
+    instead of possibly leaving a short file behind unnoticed. Callers write to a temp path.
+    """
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    with open(path, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def check_writable(folder: str | os.PathLike[str], what: str, fix: str) -> None:
+    """Create ``folder`` and a file in it, or raise FCTError naming ``what`` and ``fix``.
+
+    Called before long work starts, so a results folder that cannot be written (a file in the
+    way, no permission, a read-only or full disk) is found before hours of training, not after.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fct-write-test."):
+            pass
+    except OSError as e:
+        raise FCTError(f"cannot write to the {what} {folder} ({e.strerror or e}); {fix}") from e
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -5,13 +5,14 @@
 - ``Transformation``: FCT's h, old embedding (+ side-information) -> new embedding, with the
   reference code's widths, so parameter counts match it.
 - ``FoldedTransformation`` / ``fold_batchnorm``: h for inference with BatchNorm folded into
-  the linear layers and no concatenation copy, for the throughput benchmark.
+  the linear layers and fused GEMM + bias + ReLU kernels (docs/throughput.md).
 
 timm is imported inside the functions that need it, so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -368,6 +369,40 @@ def _fold(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return weight * scale[:, None], (bias - bn.running_mean.double()) * scale + beta
 
 
+BACKENDS = ("auto", "onednn", "addmm")
+# See FoldedTransformation.block_diagonal: measured on a Zen 5 CPU, fusing won by 1-3 % at
+# 3.4 % waste and lost by 3-10 % at 18 %.
+BLOCK_DIAGONAL_MAX_WASTE = 0.05
+
+
+@functools.cache
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's fused linear (GEMM + bias + ReLU) runs in this torch build and CPU.
+
+    The op (``torch.ops.mkldnn._linear_pointwise``, what Inductor emits for frozen CPU
+    linears) is private to torch, so it is probed once on a tiny input instead of assumed.
+    bfloat16 also needs a CPU with oneDNN's bfloat16 kernels (AVX-512 or AMX).
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        if dtype not in (torch.float32, torch.bfloat16):
+            return False
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2), 1)
+        y = torch.ops.mkldnn._linear_pointwise(
+            torch.ones(1, 2), weight, torch.full((2,), -3.0), "relu", [], ""
+        )
+        ok = torch.equal(y, torch.zeros(1, 2))
+        y = torch.ops.mkldnn._linear_pointwise(
+            torch.ones(1, 2), weight, torch.ones(2), "none", [], ""
+        )
+        return ok and torch.equal(y, torch.full((1, 2), 3.0))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class FoldedTransformation(nn.Module):
     """Inference-only h with BatchNorm folded into the linear layers, built for speed.
 
@@ -375,19 +410,39 @@ class FoldedTransformation(nn.Module):
     (which is left untouched). What makes it faster than ``h.eval()``:
 
     - every BatchNorm is folded into the Linear before it (four fewer elementwise passes
-      over ``[N, hidden]``-sized activations); bias + GEMM run as one ``addmm``, ReLU in place;
+      over ``[N, hidden]``-sized activations);
     - without side-information both branches read the old embedding, so their first layers
       are stacked into one GEMM (``d_old -> 4 d_old``, no wasted zero blocks);
-    - the two branches' second layers write straight into the two halves of one preallocated
-      ``[N, 4 d_new]`` buffer (``addmm(out=...)`` on column slices, which BLAS handles via the
-      leading dimension), so the mixer's input needs no concatenation copy.
+    - on CPU (float32, bfloat16) each layer is one oneDNN call with bias and ReLU fused into
+      the GEMM, on weights reordered once into oneDNN's blocked layout and reused across
+      calls. This is the main win where torch's own GEMM (MKL) is slow: on AMD Zen CPUs MKL's
+      sgemm reaches about half of what oneDNN's AVX-512 kernels do (docs/throughput.md).
+      Where it costs few wasted multiply-adds (``block_diagonal``: 3.4 % at 128/128/128)
+      the two branches run as one GEMM per layer with block-diagonal weights: no
+      concatenation copy and bigger GEMMs, which measured faster than the exact branches;
+    - elsewhere (CUDA, other dtypes, ``backend="addmm"``) each layer is one ``addmm`` with
+      ReLU in place, and the branches' second layers write straight into the two halves of
+      one ``[N, 4 d_new]`` buffer, so the mixer's input needs no concatenation copy.
+
+    ``backend``: "auto" (oneDNN where it applies, else addmm), "onednn" (refuse to run
+    elsewhere) or "addmm". Under ``torch.compile`` the addmm graph is traced, so Inductor
+    does its own lowering; inputs that require grad take a differentiable (slower) path.
 
     Weights are buffers (no gradients): the module is for encoding galleries, not training.
-    ``state_dict`` holds the folded float32 weights; ``.to(device, dtype)`` moves them.
+    ``state_dict`` holds the folded dense weights; ``.to(device, dtype)`` moves them (the
+    oneDNN copies are rebuilt on the next call).
     """
 
-    def __init__(self, h: Transformation) -> None:
+    def __init__(self, h: Transformation, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise FCTError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "onednn" and not onednn_linear_available():
+            raise FCTError(
+                "backend='onednn' needs a torch build with oneDNN (mkldnn) on CPU; "
+                "use backend='auto' or 'addmm'"
+            )
+        self.backend = backend
         dtype = next(h.parameters()).dtype
         self.d_old, self.d_new, self.d_side, self.hidden = h.d_old, h.d_new, h.d_side, h.hidden
         old1, old2 = (_fold(b) for b in h.old_branch)
@@ -410,9 +465,44 @@ class FoldedTransformation(nn.Module):
         }.items():
             self._buffer(f"{name}_w", w, dtype)
             self._buffer(f"{name}_b", b, dtype)
+        self._packed: tuple[tuple, list] | None = None
 
     def _buffer(self, name: str, value: torch.Tensor, dtype: torch.dtype) -> None:
         self.register_buffer(name, value.to(dtype).contiguous())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's opaque tensors cannot be pickled or deep-copied; they are a cache.
+        state = super().__getstate__()
+        return {**state, "_packed": None}
+
+    def path_for(self, old: torch.Tensor) -> str:
+        """The kernel path ("onednn" or "addmm") a call on ``old`` takes."""
+        if self.backend == "addmm" or old.device.type != "cpu":
+            return "addmm"
+        weight = self.mix2_w
+        if (
+            old.dtype == weight.dtype
+            and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling()
+            and onednn_linear_available(weight.dtype)
+        ):
+            return "onednn"
+        return "addmm"
+
+    def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
+        """New-model-compatible embeddings ``[N, d_new]`` from old ``[N, d_old]`` (+ side)."""
+        side_in = _side_input(old, side, self.d_old, self.d_side)
+        differentiable = torch.is_grad_enabled() and (old.requires_grad or side_in.requires_grad)
+        path = self.path_for(old)
+        if self.backend == "onednn" and path != "onednn":
+            raise FCTError(
+                f"backend='onednn' runs on CPU float32/bfloat16 inputs matching the weights' "
+                f"dtype ({self.mix2_w.dtype}), got {old.dtype} on {old.device}; use backend='auto'"
+            )
+        if path == "onednn" and not differentiable:
+            return self._forward_onednn(old, side if self.d_side else None)
+        return self._forward_addmm(old, side if self.d_side else None, differentiable)
 
     def _first_layers(
         self, old: torch.Tensor, side: torch.Tensor | None
@@ -425,13 +515,13 @@ class FoldedTransformation(nn.Module):
         h_side = torch.addmm(self.side1_b, side, self.side1_w.t()).relu_()
         return h_old, h_side
 
-    def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
-        """New-model-compatible embeddings ``[N, d_new]`` from old ``[N, d_old]`` (+ side)."""
-        side_in = _side_input(old, side, self.d_old, self.d_side)
-        h_old, h_side = self._first_layers(old, side if self.d_side else None)
+    def _forward_addmm(
+        self, old: torch.Tensor, side: torch.Tensor | None, differentiable: bool
+    ) -> torch.Tensor:
+        h_old, h_side = self._first_layers(old, side)
         half = 2 * self.d_new
-        if torch.is_grad_enabled() and (old.requires_grad or side_in.requires_grad):
-            # addmm(out=...) refuses autograd; keep a differentiable (slower) path.
+        if differentiable or torch.compiler.is_compiling():
+            # addmm(out=...) refuses autograd, and Inductor fuses the concatenation itself.
             mixed = torch.cat(
                 [
                     torch.addmm(self.old2_b, h_old, self.old2_w.t()),
@@ -448,16 +538,104 @@ class FoldedTransformation(nn.Module):
         x = torch.addmm(self.mix2_b, x, self.mix2_w.t()).relu_()
         return torch.addmm(self.out_b, x, self.out_w.t())
 
+    @property
+    def block_diagonal(self) -> bool:
+        """Whether the oneDNN path fuses the two branches into block-diagonal GEMMs.
 
-def fold_batchnorm(h: Transformation) -> FoldedTransformation:
+        Fusing saves a concatenation copy and runs fewer, larger GEMMs, but multiplies the
+        zero blocks too. It is used when those wasted multiply-adds are at most
+        ``BLOCK_DIAGONAL_MAX_WASTE`` of h's (3.4 % at the reference 128/128/128, 2.3 % without
+        side-information; the quickstart's 128/128/64 with hidden 512 would waste 18 %).
+        """
+        d_side_in = self.d_side or self.d_old
+        stacked_first = self.d_side == 0  # both branches read old: stacked, nothing wasted
+        waste = 2 * self.d_new * 2 * d_side_in + 2 * self.d_new * 2 * self.d_old
+        if not stacked_first:
+            waste += 2 * self.d_old * d_side_in + 2 * d_side_in * self.d_old
+        macs = transformation_flops(self.d_old, self.d_new, self.d_side, self.hidden) // 2
+        return waste <= BLOCK_DIAGONAL_MAX_WASTE * macs
+
+    def _onednn_plan(self, batch: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, str]]]:
+        """(packed weight, bias, activation) per oneDNN layer, rebuilt when a buffer changed.
+
+        ``fused``: the whole h as one chain (branches block-diagonal, see ``block_diagonal``);
+        or ``old``, ``side`` (the two branch chains; ``first`` is the stacked first layer when
+        d_side=0) and ``mixer``.
+        """
+        buffers = [b for _, b in sorted(self.named_buffers())]
+        # Inference tensors (made under inference_mode) have no version counter.
+        key = tuple(
+            (b.data_ptr(), -1 if b.is_inference() else b._version, b.dtype, b.device)
+            for b in buffers
+        )
+        if self._packed is not None and self._packed[0] == key:
+            return self._packed[1]
+
+        def pack(
+            w: torch.Tensor, b: torch.Tensor, act: str = "relu"
+        ) -> tuple[torch.Tensor, torch.Tensor, str]:
+            # The batch size is a layout hint only: the packed weights serve any batch.
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            return reorder(w.contiguous(), max(batch, 1)), b.contiguous(), act
+
+        mixer = [
+            pack(self.mix1_w, self.mix1_b),
+            pack(self.mix2_w, self.mix2_b),
+            pack(self.out_w, self.out_b, "none"),
+        ]
+        old2, side2 = (self.old2_w, self.old2_b), (self.side2_w, self.side2_b)
+        second = pack(torch.block_diag(old2[0], side2[0]), torch.cat([old2[1], side2[1]]))
+        if self.d_side == 0:
+            first = pack(self.in_w, self.in_b)
+            plan = (
+                {"fused": [first, second, *mixer]}
+                if self.block_diagonal
+                else {"first": [first], "old": [pack(*old2)], "side": [pack(*side2)]}
+            )
+        elif self.block_diagonal:
+            w = torch.block_diag(self.old1_w, self.side1_w)
+            first = pack(w, torch.cat([self.old1_b, self.side1_b]))
+            plan = {"fused": [first, second, *mixer]}
+        else:
+            plan = {
+                "old": [pack(self.old1_w, self.old1_b), pack(*old2)],
+                "side": [pack(self.side1_w, self.side1_b), pack(*side2)],
+            }
+        plan.setdefault("mixer", mixer)
+        self._packed = (key, plan)
+        return plan
+
+    def _forward_onednn(self, old: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
+        plan = self._onednn_plan(old.shape[0])
+
+        def chain(x: torch.Tensor, layers: list) -> torch.Tensor:
+            for weight, bias, act in layers:
+                x = torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], "")
+            return x
+
+        if "fused" in plan:
+            # One small [N, d_old + d_side] copy of the inputs; the branch outputs then come
+            # out of the block-diagonal GEMMs already concatenated, as the mixer wants them.
+            return chain(old if side is None else torch.cat([old, side], dim=1), plan["fused"])
+        if side is None:
+            first = chain(old, plan["first"])
+            split = 2 * self.d_old
+            old_in, side_in = first[:, :split], first[:, split:]
+            h_old, h_side = chain(old_in, plan["old"]), chain(side_in, plan["side"])
+        else:
+            h_old, h_side = chain(old, plan["old"]), chain(side, plan["side"])
+        return chain(torch.cat([h_old, h_side], dim=1), plan["mixer"])
+
+
+def fold_batchnorm(h: Transformation, backend: str = "auto") -> FoldedTransformation:
     """A fresh inference module equal to ``h.eval()``, BatchNorm folded into the Linears.
 
     Uses the running statistics (what eval mode uses) whatever mode ``h`` is in; ``h`` is not
-    modified. See FoldedTransformation for how it is laid out for speed.
+    modified. ``backend`` picks the kernels (see FoldedTransformation).
     """
     if not isinstance(h, Transformation):
         raise FCTError(f"fold_batchnorm expects a Transformation, got {type(h).__name__}")
-    return FoldedTransformation(h)
+    return FoldedTransformation(h, backend=backend)
 
 
 def transformation_flops(d_old: int, d_new: int, d_side: int = 0, hidden: int = 2048) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ import torch
 from fct import retrieval
 from fct.artifacts import Cache
 from fct.context import Context, apply_transformation
+from fct.curves import backfill_curves
 from fct.errors import FCTError
-from fct.io import read_json, write_json
+from fct.io import check_writable, read_json, write_json
 from fct.methods import METHODS, Deployment
 from fct.provenance import provenance
 from fct.scenarios import Scenario, Suite, config_hash
@@ -73,8 +75,11 @@ def _round(d: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
-def evaluate_deployment(ctx: Context, dep: Deployment) -> tuple[dict[str, dict], dict[str, Any]]:
-    """The three cases of a deployment, plus the measured update costs."""
+def evaluate_deployment(
+    ctx: Context, dep: Deployment
+) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]]:
+    """The three cases of a deployment, the measured update costs and the backfilling curves
+    (run-record keys ``curves``, ``auc``, ``backfill_curves``: see fct.curves)."""
     sc = ctx.scenario
     opts = {
         "distance": sc.eval.distance,
@@ -119,7 +124,10 @@ def evaluate_deployment(ctx: Context, dep: Deployment) -> tuple[dict[str, dict],
     )
     t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
     costs["speedup_vs_backfill"] = t / b if t and b else None
-    return {k: _round(v) for k, v in cases.items()}, _round(costs)
+    # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
+    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts)
+    # --- end of backfilling curves ---
+    return {k: _round(v) for k, v in cases.items()}, _round(costs), curves
 
 
 def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
@@ -142,8 +150,14 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         )
     log.info("%s / %s: fitting on %s (seed %d)", sc.name, method_name, ctx.device, opts.seed)
     t0 = time.perf_counter()
+    # A method's own random draws (a module it builds, a sample it takes) start from a stream
+    # fixed by (method, seed); the cache never advances it (fct.train.isolated_rng), so a rerun
+    # after a crash, which loads what the first run trained, draws exactly the same numbers.
+    torch.manual_seed(
+        int(config_hash({"method": method_name, "seed": opts.seed}), 16) % (2**63 - 1)
+    )
     dep = method.fit(ctx)
-    cases, costs = evaluate_deployment(ctx, dep)
+    cases, costs, curves = evaluate_deployment(ctx, dep)
     costs["train_seconds"] = round(sum(a.train_seconds for a in dep.artifacts if a is not None), 2)
     wall = time.perf_counter() - t0
     record = {
@@ -157,6 +171,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         "method_config": method.config(),
         "cases": cases,
         "costs": costs,
+        **curves,  # "curves", "auc" (read by fct.report) and "backfill_curves"
         "artifacts": {
             a.entry.kind + "/" + a.name: a.digest for a in dep.artifacts if a is not None
         },
@@ -177,8 +192,38 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     return path
 
 
+def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
+    """Refuse, before anything trains, what would fail later: an unknown method, a method
+    that cannot handle the scenario (``Method.check``), a missing dataset or a wrong layout,
+    a class range the dataset does not have.
+
+    Loading every split here costs nothing extra: the sources are kept for training.
+    """
+    sc = ctx.scenario
+    for m in methods:
+        method = METHODS.get(m)()  # an unknown name raises, with "did you mean"
+        try:
+            method.check(sc)
+        except FCTError as e:
+            raise FCTError(f"scenario '{sc.name}', method {m}: {e}") from e
+    roles = [("old", sc.old), ("new", sc.new), ("side", sc.side), ("eval", sc.eval)]
+    for role, spec in roles:
+        if spec is None:
+            continue
+        try:
+            ctx.source(spec)
+        except FCTError as e:
+            raise FCTError(f"scenario '{sc.name}' [{role}]: {e}") from e
+
+
 def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
-    """Run the selected scenarios and methods of ``suite``; write records and the report."""
+    """Run the selected scenarios and methods of ``suite``; write records and the report.
+
+    Every scenario is checked (``check_scenario``) and the results folder tested for writing
+    before the first training starts. Records are written one by one as they finish, so an
+    error or a crash later keeps every finished record and cache entry; rerunning the same
+    command continues from there.
+    """
     device = resolve_device(opts.device)
     cache = Cache(opts.cache)
     scenarios: list[Scenario] = suite.select(opts.scenarios)
@@ -191,11 +236,12 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
         opts.out,
         cache.root,
     )
+    check_writable(opts.out / "runs", "results folder", "choose another --out")
     forced_keys: set = set()
+    sources: dict = {}  # data loaded by the checks is shared by every scenario's Context
+    plan = []
     for sc in scenarios:
         methods = opts.methods or sc.methods
-        for m in methods:
-            METHODS.get(m)  # unknown names fail before any training
         ctx = Context(
             sc,
             cache,
@@ -204,8 +250,12 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
             data_root=opts.data_root,
             download=opts.download,
             force=opts.force,
+            _sources=sources,
             _forced=forced_keys,
         )
+        check_scenario(ctx, methods)
+        plan.append((ctx, methods))
+    for ctx, methods in plan:
         for m in methods:
             written.append(run_one(ctx, m, opts))
     from fct.report import build_report

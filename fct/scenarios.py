@@ -98,7 +98,11 @@ class BCTSpec:
     """BCT's influence loss: weight and label smoothing of the old-classifier term."""
 
     weight: float = 1.0
-    smoothing: float = 0.1
+    smoothing: float = 0.0  # Shen et al. use plain softmax cross-entropy for the influence loss
+    # Rows for classes the old model never saw: "scaled-mean" = the old-model class mean's
+    # direction at the old classifier's mean row norm; "mean" = the raw class mean, whose norm
+    # is on the embedding's scale, not the classifier's (it dominates the logits).
+    new_rows: str = "scaled-mean"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -271,7 +275,10 @@ def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
             raise FCTError(f"{where}: {key} must be positive, got {getattr(spec, key)}")
     if spec.embed_act not in ("none", "relu"):
         raise FCTError(f"{where}: embed_act must be 'none' or 'relu', got {spec.embed_act!r}")
-    check_arch(spec.arch)
+    try:
+        check_arch(spec.arch)
+    except FCTError as e:  # say which file and scenario, as every other suite error does
+        raise FCTError(f"{where}: {e}") from e
 
 
 def _merge(*tables: dict | None) -> dict:
@@ -319,6 +326,10 @@ def parse_suite(text: str, name: str, path: Path) -> Suite:
             merged = _merge(
                 defaults.get("model"), defaults.get(role), entry.get("model"), entry.get(role)
             )
+            if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
+                merged["loss"] = (
+                    "simclr"  # side-information is self-supervised unless told otherwise
+                )
             specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
         use_side = entry.get("side_info", True)
         side_table = _merge(defaults.get("side"), entry.get("side"))
@@ -376,6 +387,8 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
         raise FCTError(f"{where} [eval]: distance must be l2 or cosine, got {sc.eval.distance!r}")
     if sc.eval.backend not in ("torch", "faiss"):
         raise FCTError(f"{where} [eval]: backend must be torch or faiss, got {sc.eval.backend!r}")
+    if sc.bct.new_rows not in ("scaled-mean", "mean"):
+        raise FCTError(f"{where} [bct]: new_rows must be 'scaled-mean' or 'mean', got {sc.bct.new_rows!r}")
     if sc.transformation.train_on not in ("new", "old"):
         raise FCTError(f"{where} [transformation]: train_on must be 'new' or 'old'")
     if "fct_side" in sc.methods and sc.side is None:
@@ -410,3 +423,70 @@ def load_suite(name: str, suites_dir: Path | None = None) -> Suite:
     """Load and validate a suite by name (suites/NAME.toml) or by path to a .toml file."""
     path = suite_path(name, suites_dir)
     return parse_suite(path.read_text(encoding="utf-8"), path.stem, path)
+
+
+# --- smoke mode -------------------------------------------------------------------------------
+
+SMOKE_CLASSES = 10
+SMOKE_PER_CLASS = 4
+SMOKE_IMAGE = 32
+
+
+def _smoke_classes(rng: tuple[int, int] | None, factor: float) -> tuple[int, int]:
+    if rng is None:
+        return (0, SMOKE_CLASSES)
+    lo = int(round(rng[0] * factor))
+    return (lo, max(lo + 1, int(round(rng[1] * factor))))
+
+
+def smoke(sc: Scenario) -> Scenario:
+    """Shrink a scenario so its whole wiring runs on a CPU in minutes.
+
+    Class ranges are scaled onto the first 10 classes keeping their proportions (old on the
+    first half stays the first half); a range of "all classes" becomes classes 0-9. Every
+    split keeps 4 items per class, images are at most 32 px (with the architecture's own stem,
+    not the small-image one, to stay cheap), models train 1 epoch and h 2 epochs.
+    """
+    specs = [sc.old, sc.new, sc.eval] + ([sc.side] if sc.side else [])
+    ends = [s.classes[1] for s in specs if s.classes]
+    total = max(ends, default=SMOKE_CLASSES)
+    if ends and any(s.classes is None for s in (sc.new, sc.eval)):
+        total = 2 * total  # "old = first half" is the usual pairing with an all-classes new model
+    factor = SMOKE_CLASSES / total
+
+    def model(s: ModelSpec) -> ModelSpec:
+        size = min(s.image_size or SMOKE_IMAGE, SMOKE_IMAGE)
+        return dataclasses.replace(
+            s,
+            classes=_smoke_classes(s.classes, factor),
+            max_per_class=SMOKE_PER_CLASS,
+            image_size=size,
+            epochs=1,
+            batch_size=min(s.batch_size, 32),
+            warmup_epochs=0.0,
+            small_stem=False,
+        )
+
+    return dataclasses.replace(
+        sc,
+        old=model(sc.old),
+        new=model(sc.new),
+        side=model(sc.side) if sc.side else None,
+        transformation=dataclasses.replace(
+            sc.transformation,
+            epochs=2,
+            warmup_epochs=0.0,
+            batch_size=min(sc.transformation.batch_size, 64),
+            hidden=min(sc.transformation.hidden, 256),
+        ),
+        eval=dataclasses.replace(
+            sc.eval, classes=_smoke_classes(sc.eval.classes, factor), max_per_class=SMOKE_PER_CLASS
+        ),
+    )
+
+
+def smoke_suite(suite: Suite) -> Suite:
+    """The suite with every scenario shrunk by ``smoke`` (results go to a separate folder)."""
+    return dataclasses.replace(
+        suite, name=suite.name, scenarios=tuple(smoke(s) for s in suite.scenarios)
+    )

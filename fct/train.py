@@ -8,6 +8,9 @@ so a resumed run continues exactly where an uninterrupted one would be (on CPU).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import hashlib
 import json
 import logging
 import math
@@ -16,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from fct.errors import FCTError
+from fct.io import DISK_FULL, fsync_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,22 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
+@contextlib.contextmanager
+def isolated_rng(seed: int | None = None) -> Iterator[None]:
+    """Run a block without touching the caller's torch random stream; seed it if ``seed``.
+
+    Training reseeds torch every epoch and module initialisation draws from the global stream.
+    Forking the stream around both means a model's initial weights, and everything drawn after
+    it, are the same whether an artifact was trained in this process or loaded from the cache:
+    that is what makes an interrupted run, resumed, end where an uninterrupted one would.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed % (2**63 - 1))
+        yield
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 
@@ -107,59 +127,122 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], extra: dict) -> dict:
     return {"state": state, "param_groups": extra["param_groups"]}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+CKPT_FILES = ("model.safetensors", "optim.safetensors")
+
+
 def save_checkpoint(
     folder: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer, info: dict
 ) -> None:
-    """Write ``folder/epoch-NNNN`` atomically (temp dir + rename), then drop older ones."""
-    from safetensors.torch import save_file
+    """Write ``folder/epoch-NNNN`` atomically (temp dir + rename), then drop older ones.
 
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"epoch-{epoch:04d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=folder))
+    ``state.json`` holds the sha256 of both tensor files and is written last, so a checkpoint
+    is used only when complete and unaltered (``load_checkpoint`` checks the sums).
+    """
     try:
-        save_file(
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=folder))
+    except OSError as e:
+        raise FCTError(
+            f"cannot write checkpoints to {folder} ({e.strerror or e}); free disk space or "
+            "set FCT_CACHE (or --cache) to a writable folder"
+        ) from e
+    final = folder / f"epoch-{epoch:04d}"
+    try:
+        write_safetensors(
             {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-            str(tmp / "model.safetensors"),
+            tmp / "model.safetensors",
         )
         opt_tensors, opt_extra = _flatten_optimizer(opt)
-        save_file(opt_tensors, str(tmp / "optim.safetensors"))
-        # state.json is written last: its presence marks a complete checkpoint.
+        write_safetensors(opt_tensors, tmp / "optim.safetensors")
+        sums = {f: _sha256(tmp / f) for f in CKPT_FILES}
         (tmp / "state.json").write_text(
-            json.dumps({"epoch": epoch, "optim": opt_extra, **info}, default=float)
+            json.dumps({"epoch": epoch, "optim": opt_extra, "sha256": sums, **info}, default=float)
         )
+        with open(tmp / "state.json", "rb") as fh:
+            os.fsync(fh.fileno())
+        if final.exists():
+            # A damaged checkpoint of this epoch that load_checkpoint skipped; ours replaces it
+            # (the caller holds the artifact's lock, so no one else writes here).
+            shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == 28:
+        if e.errno in DISK_FULL:
             raise FCTError(
                 f"no space left on device while checkpointing to {folder}; free disk space and rerun: training resumes from the last complete epoch"
             ) from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in folder.glob("epoch-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Restore the newest complete checkpoint in ``folder``; return its epoch (0 if none).
+def _check_checkpoint(ckpt: Path) -> dict:
+    """The checkpoint's state.json, after checking both tensor files against its sha256 sums.
 
-    A checkpoint that cannot be read is skipped with a warning (training starts over).
+    Raises ValueError for a checkpoint that is incomplete, altered or from an older format
+    (no sums), so nothing unverified is ever handed to the loader.
+    """
+    state = json.loads((ckpt / "state.json").read_text())
+    sums = state.get("sha256")
+    if not isinstance(sums, dict):
+        raise ValueError("no checksums in state.json")
+    for f in CKPT_FILES:
+        if _sha256(ckpt / f) != sums.get(f):
+            raise ValueError(f"{f} checksum mismatch")
+    return state
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Remove ``.ckpt.*`` temp dirs a killed process left in ``folder``.
+
+    Only the holder of the artifact's lock writes checkpoints, so any temp dir found by the
+    holder is debris of a crash, never a write in progress.
+    """
+    for tmp in folder.glob(".ckpt.*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore the newest complete, verified checkpoint in ``folder``; return its epoch (0: none).
+
+    A checkpoint that is damaged (checksum mismatch, truncated, unreadable) is skipped with a
+    one-line warning, and the next older one is tried; with none left training starts over.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not folder.is_dir():
         return 0
+    clean_stale_temps(folder)
+    # A load that fails half-way must not leave half-restored weights behind: a fresh start
+    # has to begin from the model's own initial weights to match an uninterrupted run.
+    model_start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_start = copy.deepcopy(opt.state_dict())
     for ckpt in sorted(folder.glob("epoch-*"), reverse=True):
         try:
-            state = json.loads((ckpt / "state.json").read_text())
+            state = _check_checkpoint(ckpt)
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             opt.load_state_dict(
                 _unflatten_optimizer(load_file(str(ckpt / "optim.safetensors")), state["optim"])
             )
             return int(state["epoch"])
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-            log.warning("checkpoint %s is unreadable (%s); ignoring it", ckpt, e)
+            log.warning("checkpoint %s is damaged or unreadable (%s); ignoring it", ckpt, e)
+            model.load_state_dict(model_start)
+            opt.load_state_dict(opt_start)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,65 @@ def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tmp_path):
     assert result.resumed_from == 1
     for (k, x), (_, y) in zip(ref_model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(x, y), k
+
+
+def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
+    """A checkpoint whose bytes changed is never loaded: training resumes from the older,
+    intact one (as after a crash between writing epoch 2 and deleting epoch 1) and still ends
+    with the weights of an uninterrupted run; the damaged epoch is rewritten."""
+    ref_model, batches, step, n = setup()
+    train(ref_model, step, batches, n, CFG, device=torch.device("cpu"), seed=0, desc="ref")
+
+    ckpt, kept = tmp_path / "ckpt", tmp_path / "kept"
+    model, batches, step, n = setup()
+    calls = {"n": 0}
+
+    def crashing_step(batch):
+        calls["n"] += 1
+        if calls["n"] == n + 1:  # epoch 2 starts: epoch 1's checkpoint is complete
+            shutil.copytree(ckpt / "epoch-0001", kept)
+        if calls["n"] == 2 * n + 1:  # epoch 3 starts: stop
+            raise KeyboardInterrupt
+        return step(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            model,
+            crashing_step,
+            batches,
+            n,
+            CFG,
+            device=torch.device("cpu"),
+            seed=0,
+            desc="x",
+            checkpoint_dir=ckpt,
+        )
+    shutil.copytree(kept, ckpt / "epoch-0001")
+    weights = ckpt / "epoch-0002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(255 - b for b in data[-8:])  # same size: only the checksum can tell
+    weights.write_bytes(bytes(data))
+
+    caplog.set_level("WARNING")
+    fresh, batches, step, n = setup(init_seed=123)
+    result = train(
+        fresh,
+        step,
+        batches,
+        n,
+        CFG,
+        device=torch.device("cpu"),
+        seed=0,
+        desc="x",
+        checkpoint_dir=ckpt,
+    )
+    assert result.resumed_from == 1
+    assert (
+        "epoch-0002 is damaged or unreadable (model.safetensors checksum mismatch)" in caplog.text
+    )
+    for (k, x), (_, y) in zip(ref_model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert [p.name for p in ckpt.iterdir()] == ["epoch-0003"]
 
 
 def test_nan_loss_stops_with_the_learning_rate_named(tmp_path):

@@ -5,10 +5,11 @@
 is imported here so that no registered name depends on import order.
 """
 
-from fct.data import cifar, fashion_mnist, synthetic  # noqa: F401  (they fill DATASETS)
+from fct.data import cifar, fashion_mnist, folders, synthetic  # noqa: F401  (they fill DATASETS)
 from fct.data.base import DATASETS, ImageSource, load_dataset, subset_classes
 from fct.data.fashion_mnist import find_fashion_mnist
 from fct.data.folder import ImageFolderSource
+from fct.data.folders import ImageListSource
 from fct.data.loader import BatchLoader, make_loader
 from fct.data.synthetic import make_synthetic, synthetic_loader
 
@@ -16,6 +17,7 @@ __all__ = [
     "DATASETS",
     "BatchLoader",
     "ImageFolderSource",
+    "ImageListSource",
     "ImageSource",
     "find_fashion_mnist",
     "load_dataset",

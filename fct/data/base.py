@@ -102,6 +102,31 @@ class ImageSource:
         out._take(idx)
         return out
 
+    def resized(self, size: int) -> ImageSource:
+        """The same items as ``size`` x ``size`` images (a copy; ``self`` is unchanged).
+
+        In-memory images are resized once here (bilinear, antialiased); folder sources decode
+        straight to the new size.
+        """
+        if size == self.image_size:
+            return self
+        out = copy.copy(self)
+        out.image_size = int(size)
+        if self.images is not None:
+            x = torch.nn.functional.interpolate(
+                self.images.float(),
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
+            out.images = x.round_().clamp_(0, 255).to(torch.uint8).contiguous()
+        out._resize(int(size))
+        return out
+
+    def _resize(self, size: int) -> None:
+        """Hook for subclasses that decode on demand (e.g. folder sources)."""
+
     def _take(self, idx: np.ndarray) -> None:
         """Hook for subclasses to restrict their own per-item arrays (e.g. file paths)."""
 

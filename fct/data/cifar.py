@@ -72,7 +72,8 @@ def find_cifar100(root: str | os.PathLike[str] | None = None, download: bool = F
     """The ``cifar-100-python`` folder: under root, ``$FCT_DATA`` or the download cache."""
     looked = []
     for base in search_bases(root):
-        for folder in (base / FOLDER, base):
+        # DIR/cifar100/ lets one data root hold every dataset, as for the other datasets.
+        for folder in (base / FOLDER, base / "cifar100" / FOLDER, base):
             if (folder / "train").is_file() and (folder / "test").is_file():
                 return folder
             looked.append(str(folder))

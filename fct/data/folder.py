@@ -51,6 +51,7 @@ class ImageFolderSource(ImageSource):
         # Relative paths in one fixed-width bytes array: compact for millions of files, and
         # no per-item Python objects whose refcounts would copy memory into every worker.
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=bytes)
+        self.crop_fraction = crop_fraction
         self.resize_size = max(image_size, round(image_size / crop_fraction))
         super().__init__(
             name=name,
@@ -63,6 +64,9 @@ class ImageFolderSource(ImageSource):
             images=None,
             class_names=class_dirs,
         )
+
+    def _resize(self, size: int) -> None:
+        self.resize_size = max(size, round(size / self.crop_fraction))
 
     def path(self, i: int) -> Path:
         """The file of item ``i``."""

@@ -13,6 +13,9 @@ from fct.methods.base import METHODS, Deployment, Method, register_method
 
 # Import every built-in module explicitly, so no built-in is "unknown" for want of an import.
 from fct.methods import baselines  # noqa: E402,F401  isort: skip
+from fct.methods import fastfill  # noqa: E402,F401  isort: skip
+from fct.methods import l2_bct  # noqa: E402,F401  isort: skip
+from fct.methods import ract  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Deployment", "Method", "register_method", "load_plugin", "load_entry_points"]
 

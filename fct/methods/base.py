@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from fct.context import Context, Trained
+    from fct.scenarios import Scenario
 
 METHODS: Registry[type[Method]] = Registry("method", hint="fct list methods")
 
@@ -53,6 +54,10 @@ class Deployment:
     - ``uses_side``: the update reads the stored side-information.
     - ``backfill_fraction``: share of the gallery re-encoded with the new model.
     - ``artifacts``: every trained artifact this deployment relies on (for the cost columns).
+    - ``backfill_order``: optional, the method's own backfilling order: a permutation of the
+      gallery's indices (the evaluation split's order), most urgent first (e.g. FastFill's
+      decreasing uncertainty). The backfilling curves (fct.curves) then get an extra curve
+      under the name ``backfill_order_name``, beside the random order every method gets.
     """
 
     query_model: Trained
@@ -62,6 +67,8 @@ class Deployment:
     backfill_fraction: float = 0.0
     artifacts: tuple[Trained, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+    backfill_order: torch.Tensor | None = None
+    backfill_order_name: str = "method"
 
 
 class Method:
@@ -73,6 +80,11 @@ class Method:
     def config(self) -> dict[str, Any]:
         """What configures this method (stored in run records; part of the record's hash)."""
         return {"name": self.name, "label": self.label or self.name}
+
+    def check(self, scenario: Scenario) -> None:
+        """Raise FCTError when this method cannot run ``scenario`` (e.g. embedding sizes it
+        cannot handle). The runner calls it for every scenario before anything trains, so a
+        mistake costs seconds, not a finished training; the default accepts everything."""
 
     def fit(self, ctx: Context) -> Deployment:
         """Build (through ``ctx``, which caches everything) and return the deployment."""

@@ -10,6 +10,7 @@ from fct.methods.base import Deployment, Method, register_method
 
 if TYPE_CHECKING:
     from fct.context import Context
+    from fct.scenarios import Scenario
 
 
 @register_method("independent")
@@ -30,14 +31,20 @@ class BCTInfluence:
 
     name = "bct"
 
-    def __init__(self, weight: float, smoothing: float) -> None:
+    def __init__(self, weight: float, smoothing: float, new_rows: str = "scaled-mean") -> None:
         self.weight = weight
         self.smoothing = smoothing
+        self.new_rows = new_rows
         self.old_weight: torch.Tensor | None = None
         self._old_digest: str | None = None
 
     def key(self) -> dict:
-        return {"weight": self.weight, "smoothing": self.smoothing, "old": self._old_digest}
+        return {
+            "weight": self.weight,
+            "smoothing": self.smoothing,
+            "new_rows": self.new_rows,
+            "old": self._old_digest,
+        }
 
     def bind(self, ctx: Context) -> BCTInfluence:
         self._old_digest = ctx.old_model().digest
@@ -48,9 +55,17 @@ class BCTInfluence:
 
         old = ctx.old_model()
         feats, labels = ctx.embed(old, "new-train")
-        self.old_weight = synthesize_old_classifier(
-            old.module.classifier.weight.detach().cpu(), feats, labels, model.num_classes
-        ).to(ctx.device)
+        weight = old.module.classifier.weight.detach().cpu()
+        if ctx.scenario.old.dataset != ctx.scenario.new.dataset:
+            # Cross-dataset: no new class is an old class, so every row is a class mean.
+            weight = weight[:0]
+        rows = synthesize_old_classifier(weight, feats, labels, model.num_classes)
+        n_old = len(weight)
+        if self.new_rows == "scaled-mean" and 0 < n_old < len(rows):
+            scale = weight.norm(dim=1).mean()
+            synth = rows[n_old:]
+            rows[n_old:] = synth / synth.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
+        self.old_weight = rows.to(ctx.device)
 
     def __call__(self, embedding, logits, labels):
         from fct.losses import bct_influence_loss
@@ -65,12 +80,18 @@ class BCT(Method):
 
     label = "BCT"
 
-    def fit(self, ctx: Context) -> Deployment:
+    def check(self, scenario: Scenario) -> None:
+        """The old classifier takes the new embedding: old and new sizes must be equal."""
         from fct.losses import check_bct_dims
 
+        check_bct_dims(scenario.old.embedding_dim, scenario.new.embedding_dim)
+
+    def fit(self, ctx: Context) -> Deployment:
         sc = ctx.scenario
-        check_bct_dims(sc.old.embedding_dim, sc.new.embedding_dim)
-        new = ctx.new_model(extra=BCTInfluence(sc.bct.weight, sc.bct.smoothing).bind(ctx))
+        self.check(sc)
+        new = ctx.new_model(
+            extra=BCTInfluence(sc.bct.weight, sc.bct.smoothing, sc.bct.new_rows).bind(ctx)
+        )
         return Deployment(query_model=new, artifacts=(ctx.old_model(), new))
 
 

@@ -18,17 +18,29 @@ from fct.report.records import CASE_METRICS, CASES, parse_date
 log = logging.getLogger(__name__)
 
 #: Display order of the built-in methods; others follow alphabetically.
-METHOD_ORDER = ("independent", "bct", "fct", "fct_side", "fastfill")
+METHOD_ORDER = (
+    "independent",
+    "bct",
+    "fct",
+    "fct_side",
+    "fastfill",
+    "fastfill_side",
+    "ract",
+    "l2_bct",
+)
 DEFAULT_LABELS = {
     "independent": "Independent",
     "bct": "BCT",
     "fct": "FCT",
     "fct_side": "FCT + side-info",
     "fastfill": "FastFill",
+    "fastfill_side": "FastFill + side-info",
+    "ract": "RACT",
+    "l2_bct": "L2-BCT",
 }
 #: Methods that leave the new model as Independent trains it, so their new/new is its new/new
 #: (used for the new/new reference line when Independent was not run).
-UNCHANGED_NEW_MODEL = ("independent", "fct", "fct_side", "fastfill")
+UNCHANGED_NEW_MODEL = ("independent", "fct", "fct_side", "fastfill", "fastfill_side")
 
 #: old/old should be identical across methods of a scenario (same old model); a larger gap
 #: means runs from different old models were merged.

@@ -1,0 +1,123 @@
+"""Shared helpers for the reliability tests: `fct` in a subprocess, normalised run records and
+one clean `fct run tiny` reused by every test that compares against it.
+
+Runs that are compared must use the same torch thread count (CPU reductions are split by
+thread), so every `fct` subprocess here gets ``OMP_NUM_THREADS=1``; that also keeps two of them
+from oversubscribing a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Record keys that measure time or speed (or say when and where), which no rerun reproduces.
+VOLATILE = re.compile(r"seconds|per_s|date|speedup|throughput|time")
+
+
+def fct_env(**extra: str) -> dict[str, str]:
+    """Environment for an `fct` subprocess: one torch thread, no progress bars."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.pop("FCT_CACHE", None)
+    env.update(extra)
+    return env
+
+
+def fct_command(*args: str) -> list[str]:
+    """The argv of `python -m fct ARGS` with this interpreter."""
+    return [sys.executable, "-m", "fct", *args]
+
+
+def run_fct(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `fct ARGS` to completion in a subprocess; returns it with stderr captured."""
+    return subprocess.run(
+        fct_command(*args),
+        cwd=cwd,
+        env=fct_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_args(out: Path, cache: Path, *more: str) -> list[str]:
+    """`run tiny` on the CPU with its results in ``out`` and its cache in ``cache``."""
+    return ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu", *more]
+
+
+def normalize(obj: Any) -> Any:
+    """A run record without provenance, timings and speeds: what a rerun must reproduce."""
+    if isinstance(obj, dict):
+        return {
+            k: normalize(v) for k, v in obj.items() if k != "provenance" and not VOLATILE.search(k)
+        }
+    if isinstance(obj, list):
+        return [normalize(v) for v in obj]
+    return obj
+
+
+def records(out: Path) -> dict[str, dict]:
+    """Normalised run records under ``out/runs``, by path relative to ``out``."""
+    return {
+        str(p.relative_to(out)): normalize(json.loads(p.read_text()))
+        for p in sorted((out / "runs").glob("*/*.json"))
+    }
+
+
+def entries(cache: Path) -> list[Path]:
+    """Every finished cache entry folder (KIND/NAME-DIGEST)."""
+    return sorted(
+        p
+        for kind in cache.iterdir()
+        if kind.is_dir() and kind.name not in ("partial", "locks")
+        for p in kind.iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    )
+
+
+def assert_cache_verifies(cache: Path, no_temps: bool = True) -> None:
+    """Every finished entry in ``cache`` matches its manifest; with ``no_temps``, no temp
+    folder is left over either (a SIGKILL during a write may leave one, never read)."""
+    from fct.artifacts import _check_manifest
+
+    found = entries(cache)
+    assert found, f"no cache entries in {cache}"
+    for path in found:
+        assert _check_manifest(path) is None, path
+    if no_temps:
+        temps = [p for kind in cache.iterdir() for p in kind.glob(".*") if p.name != ".corrupt"]
+        assert not temps, temps
+
+
+@pytest.fixture
+def one_thread():
+    """Train in this process as the `fct` subprocesses do (one torch thread): records then
+    compare with theirs, and a busy machine is not oversubscribed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def clean_tiny(tmp_path_factory) -> tuple[Path, Path, dict[str, dict]]:
+    """One uninterrupted `fct run tiny` (subprocess, seed 0): (out, cache, normalised records)."""
+    base = tmp_path_factory.mktemp("clean-tiny")
+    out, cache = base / "out", base / "cache"
+    proc = run_fct(*tiny_args(out, cache), cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = records(out)
+    assert len(recs) == 4
+    return out, cache, recs

@@ -1,0 +1,147 @@
+"""Every paper suite's whole wiring with `--smoke` on fabricated copies of its dataset in the
+real on-disk format, end to end through `fct run`; and the suite files' validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fabricate import (
+    fabricate_cifar100,
+    fabricate_imagenet,
+    fabricate_places365,
+    fabricate_vggface2,
+)
+
+from fct.cli import main
+from fct.scenarios import KINDS, list_suites, load_suite, parse_suite, smoke
+
+
+def fabricate(suite: str, root: Path) -> None:
+    if suite == "cifar100":
+        fabricate_cifar100(root / "cifar100", per_class=4)
+    elif suite == "imagenet":
+        fabricate_imagenet(root / "imagenet", synsets=12, per_class=4, size=40)
+        fabricate_places365(root / "places365", categories=12, per_class=4, size=40)
+    elif suite == "places365":
+        fabricate_places365(root / "places365", categories=12, per_class=4, size=40)
+    elif suite == "vggface2":
+        fabricate_vggface2(root / "vggface2", train_ids=12, test_ids=10, per_id=4, size=40)
+
+
+@pytest.mark.parametrize("suite", ["cifar100", "imagenet", "places365", "vggface2"])
+def test_paper_suite_smoke_end_to_end(suite, tmp_path):
+    data, out, cache = tmp_path / "data", tmp_path / "out", tmp_path / "cache"
+    fabricate(suite, data)
+    code = main(
+        [
+            "run",
+            suite,
+            "--smoke",
+            "--data-root",
+            str(data),
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    expected = {(sc.name, m) for sc in load_suite(suite).scenarios for m in sc.methods}
+    found = set()
+    for p in (out / "runs").glob("*/*.json"):
+        rec = json.loads(p.read_text())
+        found.add((rec["scenario"], rec["method"]))
+        assert set(rec["cases"]) == {"old/old", "new/new", "cross"}
+        assert rec["scenario_config"]["eval"]["max_per_class"] == 4
+    assert found == expected
+    board = (out / "leaderboard.md").read_text()
+    assert "FCT" in board and "Independent" in board
+    assert (out / "index.html").exists()
+
+
+def test_registry_has_every_kind_and_enough_scenarios():
+    scenarios = [sc for name in list_suites() for sc in load_suite(name).scenarios]
+    assert len(scenarios) >= 12
+    assert {k for sc in scenarios for k in sc.kinds} == set(KINDS)
+    assert len({sc.name for sc in scenarios}) == len(scenarios)
+
+
+def test_list_scenarios_cli(capsys):
+    assert main(["list", "scenarios"]) == 0
+    out = capsys.readouterr().out
+    assert "imagenet/imagenet-half" in out and "cross-architecture" in out
+    assert main(["list", "suites"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+
+
+def test_smoke_keeps_class_proportions():
+    sc = load_suite("imagenet").scenarios[0]
+    s = smoke(sc)
+    assert s.old.classes == (0, 5) and s.new.classes == (0, 10) and s.eval.classes == (0, 10)
+    assert s.old.epochs == 1 and s.old.max_per_class == 4 and s.new.image_size == 32
+    assert smoke(load_suite("quickstart").scenarios[0]).old.classes == (0, 5)
+
+
+SUITE = """
+[suite]
+name = "t"
+[defaults.model]
+dataset = "synthetic"
+arch = "test_resnet"
+[[scenario]]
+name = "a"
+"""
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        (
+            '[[scenario]]\nname = "b"\nold = { archh = "resnet18" }',
+            "unknown key 'archh' (did you mean 'arch'?)",
+        ),
+        (
+            '[[scenario]]\nname = "b"\nold = { arch = "resnet05" }',
+            "unknown timm architecture 'resnet05'",
+        ),
+        (
+            '[[scenario]]\nname = "b"\nnew = { dataset = "cifar10" }',
+            "unknown dataset 'cifar10' (did you mean 'cifar100'?)",
+        ),
+        (
+            '[[scenario]]\nname = "b"\nmethods = ["fct_sidee"]',
+            "unknown method 'fct_sidee' (did you mean 'fct_side'?)",
+        ),
+        (
+            '[[scenario]]\nname = "b"\nnew = { loss = "arcfac" }',
+            "unknown loss 'arcfac' (did you mean 'arcface'?)",
+        ),
+        ('[[scenario]]\nname = "b"\nkinds = ["cross-arch"]', "unknown kind 'cross-arch'"),
+        ('[[scenario]]\nname = "b"\nold = { classes = [5, 2] }', "classes must be [first, end)"),
+        ('[[scenario]]\nname = "b"\nold = { epochs = "ten" }', "'epochs' must be an integer"),
+        ('[[scenario]]\nname = "a"', "duplicate scenario name"),
+        (
+            '[[scenario]]\nname = "b"\nside_info = false\nmethods = ["fct_side"]',
+            "fct_side needs side-information",
+        ),
+    ],
+)
+def test_suite_validation_errors(patch, needle, tmp_path):
+    from fct.errors import FCTError
+
+    with pytest.raises(FCTError) as e:
+        parse_suite(SUITE + patch, "t", tmp_path / "t.toml")
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_toml_syntax_error_names_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SUITE + "\n[[scenario]\nname = 'x'\n")
+    assert main(["run", str(bad), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "TOML error" in err and "line 10" in err
