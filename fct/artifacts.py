@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from fct.errors import FCTError
-from fct.io import DISK_FULL, fsync_dir, write_safetensors
+from fct.io import DISK_FULL, fsync_dir, sha256_file, write_safetensors
 from fct.scenarios import config_hash
 
 log = logging.getLogger(__name__)
@@ -51,14 +50,6 @@ MANIFEST = "manifest.json"
 def default_cache_dir() -> Path:
     """``$FCT_CACHE`` when set, else ``.fct-cache`` in the working directory."""
     return Path(os.environ.get("FCT_CACHE") or ".fct-cache")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -136,7 +127,7 @@ class Entry:
                 )
             )
             files = {
-                f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size}
                 for f in (TENSORS, META)
             }
             (tmp / MANIFEST).write_text(
@@ -177,7 +168,7 @@ def _check_manifest(path: Path) -> str | None:
             return f"{name} missing"
         if f.stat().st_size != want["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, manifest says {want['bytes']}"
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             return f"{name} checksum mismatch"
     # The cache writes exactly these three files; anything else was put there by someone else
     # (a planted model.pt, say) and makes the whole entry untrusted.

@@ -388,7 +388,9 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
     if sc.eval.backend not in ("torch", "faiss"):
         raise FCTError(f"{where} [eval]: backend must be torch or faiss, got {sc.eval.backend!r}")
     if sc.bct.new_rows not in ("scaled-mean", "mean"):
-        raise FCTError(f"{where} [bct]: new_rows must be 'scaled-mean' or 'mean', got {sc.bct.new_rows!r}")
+        raise FCTError(
+            f"{where} [bct]: new_rows must be 'scaled-mean' or 'mean', got {sc.bct.new_rows!r}"
+        )
     if sc.transformation.train_on not in ("new", "old"):
         raise FCTError(f"{where} [transformation]: train_on must be 'new' or 'old'")
     if "fct_side" in sc.methods and sc.side is None:

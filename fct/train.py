@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from fct.errors import FCTError
-from fct.io import DISK_FULL, fsync_dir, write_safetensors
+from fct.io import DISK_FULL, fsync_dir, sha256_file, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], extra: dict) -> dict:
     return {"state": state, "param_groups": extra["param_groups"]}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 CKPT_FILES = ("model.safetensors", "optim.safetensors")
 
 
@@ -162,7 +153,7 @@ def save_checkpoint(
         )
         opt_tensors, opt_extra = _flatten_optimizer(opt)
         write_safetensors(opt_tensors, tmp / "optim.safetensors")
-        sums = {f: _sha256(tmp / f) for f in CKPT_FILES}
+        sums = {f: sha256_file(tmp / f) for f in CKPT_FILES}
         (tmp / "state.json").write_text(
             json.dumps({"epoch": epoch, "optim": opt_extra, "sha256": sums, **info}, default=float)
         )
@@ -200,7 +191,7 @@ def _check_checkpoint(ckpt: Path) -> dict:
     if not isinstance(sums, dict):
         raise ValueError("no checksums in state.json")
     for f in CKPT_FILES:
-        if _sha256(ckpt / f) != sums.get(f):
+        if sha256_file(ckpt / f) != sums.get(f):
             raise ValueError(f"{f} checksum mismatch")
     return state
 

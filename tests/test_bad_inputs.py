@@ -202,3 +202,29 @@ def test_unwritable_folders(option, tmp_path, capsys):
     assert str(blocker / "sub") in msg and "Not a directory" in msg
     assert ("choose another --out" if option == "--out" else "--cache or FCT_CACHE") in msg
     assert nothing_trained(tmp_path / "cache")
+
+
+def test_environment_errors_escaping_the_checks_still_get_one_line(tmp_path, capsys, monkeypatch):
+    """The CLI's net under the checks: a full disk or a permission error raised anywhere (a lock
+    file, a library) is one line naming the path; any other OSError keeps its traceback."""
+    import fct.runner
+
+    def raise_(error):
+        def run_suite(*args, **kwargs):
+            raise error
+
+        return run_suite
+
+    argv = ["run", "tiny", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]
+    lock = str(tmp_path / "c" / "locks" / "x.lock")
+    monkeypatch.setattr(fct.runner, "run_suite", raise_(OSError(errno.ENOSPC, "full", lock)))
+    msg = fails(capsys, argv)
+    assert msg == (
+        f"error: no space left on device ({lock}); free disk space and rerun the same command: "
+        "finished work is kept"
+    )
+    monkeypatch.setattr(fct.runner, "run_suite", raise_(PermissionError(errno.EACCES, "no", lock)))
+    assert f"no ({lock}); check that path" in fails(capsys, argv)
+    monkeypatch.setattr(fct.runner, "run_suite", raise_(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        main(argv)
