@@ -73,8 +73,12 @@ def _suite_session(name: str, doc: str):
     return nox.session(name=f"{name}_suite", venv_backend="none", default=False)(session_fn)
 
 
-cifar100_suite = _suite_session("cifar100", "CIFAR-100 paper suite (-- --data-root DIR, --smoke, ...)")
-imagenet_suite = _suite_session("imagenet", "ImageNet paper suite (-- --data-root /data/imagenet, ...)")
+cifar100_suite = _suite_session(
+    "cifar100", "CIFAR-100 paper suite (-- --data-root DIR, --smoke, ...)"
+)
+imagenet_suite = _suite_session(
+    "imagenet", "ImageNet paper suite (-- --data-root /data/imagenet, ...)"
+)
 places365_suite = _suite_session("places365", "Places-365 paper suite (-- --data-root DIR, ...)")
 vggface2_suite = _suite_session("vggface2", "VGGFace2 paper suite (-- --data-root DIR, ...)")
 

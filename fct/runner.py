@@ -125,7 +125,7 @@ def evaluate_deployment(
     t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
     costs["speedup_vs_backfill"] = t / b if t and b else None
     # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
-    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts)
+    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if sc.eval.curves else {}
     # --- end of backfilling curves ---
     return {k: _round(v) for k, v in cases.items()}, _round(costs), curves
 

@@ -87,6 +87,7 @@ class EvalSpec:
     max_per_class: int | None = None
     distance: str = "l2"
     backend: str = "torch"
+    curves: bool = True  # backfilling curves: 22 cross evaluations per ordering and method
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""

@@ -145,3 +145,32 @@ def test_toml_syntax_error_names_the_line(tmp_path, capsys):
     assert main(["run", str(bad), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "TOML error" in err and "line 10" in err
+
+
+def test_curves_can_be_switched_off_per_scenario(tmp_path):
+    text = (Path(__file__).resolve().parent.parent / "suites" / "tiny.toml").read_text()
+    suite = tmp_path / "nocurves.toml"
+    suite.write_text(
+        text.replace('name = "tiny"', 'name = "nocurves"') + "eval = { curves = false }\n"
+    )
+    assert load_suite(str(suite)).scenarios[0].eval.curves is False
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "run",
+                str(suite),
+                "--methods",
+                "fct",
+                "--out",
+                str(out),
+                "--cache",
+                str(tmp_path / "c"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    rec = json.loads((out / "runs" / "half-classes" / "fct.json").read_text())
+    assert "curves" not in rec and "auc" not in rec and rec["cases"]["cross"]["mAP"] > 0
