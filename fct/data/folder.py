@@ -48,6 +48,20 @@ class ImageFolderSource(ImageSource):
             raise FCTError(f"image folder {self.root} does not exist; {layout}")
         class_dirs = list(classes) if classes is not None else _class_dirs(self.root, layout)
         paths, labels = _scan(self.root, class_dirs, layout)
+        self._setup(name, paths, labels, class_dirs, image_size, crop_fraction, mean, std)
+
+    def _setup(
+        self,
+        name: str,
+        paths: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        image_size: int,
+        crop_fraction: float,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        """Everything but the folder scan: shared with sources listing their files otherwise."""
         # Relative paths in one fixed-width bytes array: compact for millions of files, and
         # no per-item Python objects whose refcounts would copy memory into every worker.
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=bytes)
@@ -56,13 +70,13 @@ class ImageFolderSource(ImageSource):
         super().__init__(
             name=name,
             labels=labels,
-            num_classes=len(class_dirs),
+            num_classes=len(class_names),
             channels=3,
             image_size=image_size,
             mean=mean,
             std=std,
             images=None,
-            class_names=class_dirs,
+            class_names=class_names,
         )
 
     def _resize(self, size: int) -> None:

@@ -79,21 +79,7 @@ class ImageListSource(ImageFolderSource):
         if len(paths) != len(labels):
             raise ValueError(f"{name}: {len(paths)} paths but {len(labels)} labels")
         self.root = Path(root).expanduser()
-        self.paths = np.array([os.fsencode(p) for p in paths], dtype=bytes)
-        # The same attributes ImageFolderSource.__init__ sets, which its methods rely on.
-        self.crop_fraction = crop_fraction
-        self.resize_size = max(image_size, round(image_size / crop_fraction))
-        ImageSource.__init__(
-            self,
-            name=name,
-            labels=labels,
-            num_classes=len(class_names),
-            channels=3,
-            image_size=image_size,
-            class_names=class_names,
-            mean=mean,
-            std=std,
-        )
+        self._setup(name, paths, labels, class_names, image_size, crop_fraction, mean, std)
 
 
 # --- finding a dataset ------------------------------------------------------------------------
