@@ -7,11 +7,17 @@
 #   3. fct bench transformation --device cuda --json, float32 + bfloat16,
 #      reference and quickstart sizes   -> DEST/bench_reference.json, DEST/bench_quickstart.json
 #   4. fct run tiny --device cuda       -> DEST/tiny_gpu/ (packed as DEST/tiny_gpu.tgz)
+#   5. torchrun --nproc-per-node 1 -m fct run cifar100 --smoke on a fabricated CIFAR-100 copy
+#      (tests/fabricate.py; the real on-disk format), i.e. the DDP path on one GPU
+#                                       -> DEST/smoke_ddp/ (packed as DEST/smoke_ddp.tgz)
+#   6. bench/gpu_scale.py: ResNet50-128 training and embedding images/s at 224 px, and a
+#      50,000-query leave-one-out evaluation on the GPU -> DEST/gpu_scale.json
 #
 # Usage:   bash bench/gpu_check.sh [DEST]          (DEST defaults to $OUT, else ./gpu_check_out)
 # Env:     PYTHON      interpreter to build the venv from (default python3)
 #          FCT_VENV    where the venv lives (default /tmp/fct-gpu-venv, outside the repo)
 #          FCT_PACK=0  keep DEST/tiny_gpu/ as a folder instead of packing it into a .tgz
+#          GPU_CHECK_SIZES  transformation benchmark sizes (default "reference quickstart")
 #
 # Install: if PYTHON already has a CUDA torch (a GPU image), the venv sees its packages
 # (--system-site-packages, plus a .pth file when PYTHON is itself a venv) and fct is installed
@@ -37,8 +43,14 @@ DEST="$(cd "$DEST" && pwd)"
 BENCH_ARGS=(bench transformation --device cuda --dtype float32,bfloat16 --budget 4 --json)
 RUN_ARGS=(run tiny --device cuda --out "$DEST/tiny_gpu" --cache "$SCRATCH/fct-cache")
 
-# Seconds per step: 15 + 90 + 2 x 140 + 75 = 460 s, under 8 minutes with the rest.
-T_SMI=15 T_INSTALL=90 T_BENCH=140 T_RUN=75
+SMOKE_ARGS=(run cifar100 --smoke --device cuda --data-root "$SCRATCH/data" --out "$DEST/smoke_ddp"
+  --cache "$SCRATCH/fct-cache-ddp")
+
+# Seconds per step: 15 + 90 + 2 x 140 + 75 + 120 + 90 = 670 s with both benchmark sizes;
+# with GPU_CHECK_SIZES=reference, 530 s.
+# Each can be overridden from the environment (e.g. T_BENCH=100) to fit a shorter lease.
+T_SMI=${T_SMI:-15} T_INSTALL=${T_INSTALL:-90} T_BENCH=${T_BENCH:-140} T_RUN=${T_RUN:-75}
+T_SMOKE=${T_SMOKE:-120} T_SCALE=${T_SCALE:-90}
 
 FAILED=()
 step() { # step NAME SECONDS COMMAND...: run with a timeout, log to DEST/NAME.log, never abort
@@ -106,16 +118,28 @@ fi
 export PYTHONUNBUFFERED=1
 
 cd "$REPO"
-for sizes in reference quickstart; do
+for sizes in ${GPU_CHECK_SIZES:-reference quickstart}; do
   # One call per sizes, so a timeout loses one file, not both; JSON on stdout, logs on stderr.
   step "bench_$sizes" "$T_BENCH" bash -c '"$@" >"$0"' "$DEST/bench_$sizes.json" \
     "$PY" -m fct "${BENCH_ARGS[@]}" --sizes "$sizes"
 done
 
 step tiny_gpu "$T_RUN" "$PY" -m fct "${RUN_ARGS[@]}"
-if [[ "${FCT_PACK:-1}" != 0 && -d "$DEST/tiny_gpu" ]]; then
-  # Few files come back from a device machine: one archive instead of a tree of records.
-  tar czf "$DEST/tiny_gpu.tgz" -C "$DEST" tiny_gpu && rm -rf "$DEST/tiny_gpu"
+
+# The DDP path (process group, NCCL, sharded embedding, rank-0 writes) on one GPU, with the
+# real architectures of a paper suite shrunk by --smoke, on fabricated CIFAR-100 files.
+step smoke_ddp "$T_SMOKE" bash -c 'set -e
+  PYTHONPATH="$REPO/tests${PYTHONPATH:+:$PYTHONPATH}" "$0" -c "import sys; from fabricate import fabricate_cifar100; fabricate_cifar100(sys.argv[1], per_class=6, classes=100, test_per_class=4)" "$1"
+  "$0" -m torch.distributed.run --standalone --nproc-per-node=1 -m fct "${@:2}"' \
+  "$PY" "$SCRATCH/data" "${SMOKE_ARGS[@]}"
+
+step gpu_scale "$T_SCALE" bash -c '"$@" >"$0"' "$DEST/gpu_scale.json" "$PY" bench/gpu_scale.py
+
+if [[ "${FCT_PACK:-1}" != 0 ]]; then
+  # Few files come back from a device machine: one archive per tree of records.
+  for d in tiny_gpu smoke_ddp; do
+    [[ -d "$DEST/$d" ]] && tar czf "$DEST/$d.tgz" -C "$DEST" "$d" && rm -rf "$DEST/$d"
+  done
 fi
 rm -rf "$SCRATCH"
 

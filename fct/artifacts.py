@@ -182,7 +182,11 @@ class Cache:
     """The artifact cache rooted at ``root``."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        from fct import distributed
+
         self.root = Path(root) if root is not None else default_cache_dir()
+        if not distributed.is_main():
+            return  # rank 0 creates and writes the cache; the other ranks only read it
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -222,11 +226,18 @@ class Cache:
         ``fct.train.isolated_rng``): building an artifact or loading it from the cache leaves the
         caller's stream in the same state, so what runs next does not depend on the cache.
         """
+        from fct import distributed
         from fct.train import isolated_rng
 
+        if not distributed.is_main():
+            return self._follow(entry, build)
         with self.lock(entry):
             _remove_stale_temps(entry)
-            if not force and entry.verify():
+            hit = not force and entry.verify()
+            # Under torchrun the other ranks wait for this decision (``_follow``); only rank 0
+            # takes the lock, so a rank never blocks on a lock another rank of its run holds.
+            distributed.broadcast_json(hit)
+            if hit:
                 tensors, meta = entry.load()
                 return tensors, meta, False
             if force:  # a forced rebuild starts over, not from the last run's checkpoints
@@ -234,7 +245,24 @@ class Cache:
             with isolated_rng():
                 tensors, meta = build(entry)
             entry.save(tensors, meta)
-            return tensors, json.loads((entry.path / META).read_text()), True
+            meta = json.loads((entry.path / META).read_text())
+            distributed.broadcast_json(meta)
+            return tensors, meta, True
+
+    def _follow(
+        self, entry: Entry, build: Callable[[Entry], tuple[dict[str, torch.Tensor], dict]]
+    ) -> tuple[dict[str, torch.Tensor], dict, bool]:
+        """A non-zero rank's side of ``get_or_build``: read what rank 0 verified, or take part
+        in the build (training and feature extraction are collective) and save nothing."""
+        from fct import distributed
+        from fct.train import isolated_rng
+
+        if distributed.broadcast_json(None):
+            tensors, meta = entry.load()
+            return tensors, meta, False
+        with isolated_rng():
+            tensors, _ = build(entry)
+        return tensors, distributed.broadcast_json(None), True
 
 
 def _remove_stale_temps(entry: Entry) -> None:

@@ -109,12 +109,37 @@ def _os_error_message(e: OSError) -> str | None:
     return None
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from fct.runner import RunOptions, run_suite
-    from fct.scenarios import load_suite
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` minus ``--nproc N`` / ``--nproc=N`` (what each launched process gets)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fct import distributed
+    from fct.runner import RunOptions, run_suite
+    from fct.scenarios import load_suite, with_global_batch
+
+    if args.nproc is not None:
+        load_suite(args.suite)  # a bad suite fails here, once, not in every process
+        rc = distributed.launch(args.nproc, _without_nproc(args.argv))
+        if rc:
+            raise FCTError(
+                f"the {args.nproc}-process run failed (exit {rc}; the first error is printed "
+                "above); fix it and rerun the same command: finished work is kept"
+            )
+        return 0
     _load_plugins(args)
     suite = load_suite(args.suite)
+    if args.global_batch is not None:
+        suite = with_global_batch(suite, args.global_batch)
     if args.smoke:
         from fct.scenarios import smoke_suite
 
@@ -136,8 +161,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             download=args.download,
             methods=methods,
             scenarios=args.scenarios,
+            sync_bn=args.sync_bn,
         )
         run_suite(suite, opts)
+    distributed.teardown()
     return 0
 
 
@@ -242,6 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="module or .py file registering extra methods (repeatable)",
     )
+    run.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes of this node (one per GPU): relaunches under torchrun",
+    )
+    run.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="SyncBatchNorm across GPUs when running under torchrun",
+    )
+    run.add_argument(
+        "--global-batch",
+        type=int,
+        help="train every backbone with this global batch, lr scaled linearly",
+    )
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser(
@@ -274,16 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fct`` console script."""
+    import os
+
+    # Under torchrun only rank 0 logs progress; the others say only what goes wrong.
+    rank = int(os.environ.get("RANK", 0))
+    who = f"rank {rank}: " if rank else ""
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            level=logging.DEBUG if args.verbose else (logging.WARNING if rank else logging.INFO),
+            format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
         return int(args.func(args) or 0)
     except FCTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {who}{e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         message = _os_error_message(e)

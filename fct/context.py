@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fct import distributed
 from fct.artifacts import Cache, Entry
 from fct.errors import FCTError
 from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec, config_hash
@@ -25,6 +26,14 @@ from fct.train import OptimConfig, TrainResult, isolated_rng, train
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 512
+
+
+def loader_workers() -> int:
+    """DataLoader workers per process for folder datasets: this node's cores shared by its
+    ranks, at least 2 and at most 8 each."""
+    import os
+
+    return max(2, min(8, (os.cpu_count() or 4) // distributed.local_world()))
 
 
 class ExtraLoss(Protocol):
@@ -105,6 +114,7 @@ class Context:
     data_root: str | None = None
     download: bool = False
     force: bool = False
+    sync_bn: bool = False
     _sources: dict = field(default_factory=dict, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)
     _forced: set = field(default_factory=set, repr=False)
@@ -139,20 +149,26 @@ class Context:
         return self.source(self.scenario.eval)
 
     def loader(self, spec: ModelSpec, augment: str | None, epoch: int = 0, shuffle: bool = True):
-        """A seeded training loader over ``spec``'s data."""
+        """A seeded training loader over ``spec``'s data.
+
+        ``spec.batch_size`` is the global batch: under torchrun each rank gets its share of
+        every batch (the same global batches as one process, split; see fct.data.loader).
+        """
         from fct.data import make_loader
 
         src = self.source(spec)
         return make_loader(
             src,
-            spec.batch_size,
+            distributed.local_batch(spec.batch_size, self._model_name(spec)),
             shuffle=shuffle,
             seed=self.seed,
             augment=augment,
             device=self.device,
             drop_last=len(src) > spec.batch_size,
             epoch=epoch,
-            num_workers=4 if src.images is None else 0,
+            num_workers=loader_workers() if src.images is None else 0,
+            rank=distributed.rank(),
+            world=distributed.world(),
         )
 
     def _data_key(self, spec: ModelSpec | EvalSpec, split: str, size: int | None) -> dict:
@@ -245,11 +261,11 @@ class Context:
                 loader.set_epoch(epoch)
                 return loader
 
-            def step(batch) -> torch.Tensor:
+            def step(batch, net: nn.Module) -> torch.Tensor:
                 x, y = batch
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                emb, logits = model(x)
+                emb, logits = net(x)
                 loss = loss_fn(emb, logits, y, model.classifier.weight)
                 if extra is not None:
                     # Only terms that ask for the images get them: older ExtraLoss
@@ -271,6 +287,7 @@ class Context:
                 desc=f"{e.name}",
                 checkpoint_dir=e.partial,
                 items_per_batch=lambda b: len(b[1]),
+                sync_bn=self.sync_bn,
             )
 
         return self._load_or_train(entry, model, fit, spec)
@@ -313,6 +330,9 @@ class Context:
 
         with isolated_rng(self._init_seed(spec.as_dict())):
             model = SimCLRModel(self._build_model(spec, num_classes=1), spec.embedding_dim)
+        # SimCLR never uses the encoder's classifier; frozen, DDP does not wait for its
+        # gradient (one process is unaffected: a parameter without gradient never moves).
+        model.encoder.classifier.requires_grad_(False)
         temperature = float(dict(spec.loss_args).get("temperature", 0.1))
         entry = self._entry("models", self._model_name(spec), self._model_key(spec))
 
@@ -323,9 +343,9 @@ class Context:
                 loader.set_epoch(epoch)
                 return loader
 
-            def step(batch) -> torch.Tensor:
+            def step(batch, net: nn.Module) -> torch.Tensor:
                 (x1, x2), _ = batch  # labels are never used
-                z = model(torch.cat([x1, x2]))
+                z = net(torch.cat([x1, x2]))
                 return nt_xent(z[: len(x1)], z[len(x1) :], temperature)
 
             return train(
@@ -339,6 +359,7 @@ class Context:
                 desc=e.name,
                 checkpoint_dir=e.partial,
                 items_per_batch=lambda b: 2 * len(b[1]),
+                sync_bn=self.sync_bn,
             )
 
         return self._load_or_train(entry, model, fit, spec)
@@ -375,21 +396,29 @@ class Context:
 
         def build(e: Entry):
             src = self.source(spec, split, size=key["data"]["image_size"])
+            # Under torchrun each rank embeds a contiguous shard; gathered back in order.
+            start, stop = distributed.shard(len(src))
+            part = src if (start, stop) == (0, len(src)) else src.subset(range(start, stop))
             loader = make_loader(
-                src,
+                part,
                 EMBED_BATCH,
                 shuffle=False,
                 seed=0,
                 device=self.device,
-                num_workers=4 if src.images is None else 0,
+                num_workers=loader_workers() if src.images is None else 0,
             )
             log.info(
-                "embedding %s (%d images) with %s", f"{spec.dataset}/{split}", len(src), model.name
+                "embedding %s (%d images%s) with %s",
+                f"{spec.dataset}/{split}",
+                len(src),
+                f", {distributed.world()} shards" if distributed.active() else "",
+                model.name,
             )
             t0 = time.perf_counter()
             feats = embed_loader(model.module, loader, self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
+            feats = distributed.all_gather_rows(feats, len(src))
             dt = time.perf_counter() - t0
             return (
                 {"features": feats, "labels": torch.from_numpy(src.labels)},
@@ -420,7 +449,10 @@ class Context:
         embeddings of the training data (``spec.train_on``: the new or the old training set).
 
         ``module`` and ``loss(module, old, side, target)`` let a method train its own variant
-        through the same cached loop; ``extra_key`` must then say what differs. A ``loss``
+        through the same cached loop; ``extra_key`` must then say what differs. Under
+        torchrun ``loss`` is handed the DistributedDataParallel wrapper of ``module``: compute
+        through calls of it (``module(old, side, ...)``), not its other methods, or the
+        gradients are not averaged over ranks. A ``loss``
         with a ``labels`` parameter also gets the batch's class labels (int64 ``[N]``, on the
         device) as ``labels=`` (FastFill's classification term needs them).
         """
@@ -462,13 +494,16 @@ class Context:
             n = len(x_old)
             bs = min(spec.batch_size, n)
             steps = max(1, n // bs)
+            # Under torchrun rank r trains on the r-th slice of every global batch.
+            local = distributed.local_batch(bs, e.name)
+            lo = distributed.rank() * local
             freeze_at = int(spec.epochs * (1 - spec.freeze_bn_fraction))
 
             def batches(epoch: int):
                 gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
                 perm = torch.randperm(n, generator=gen)
                 for i in range(steps):
-                    idx = perm[i * bs : (i + 1) * bs]
+                    idx = perm[i * bs : (i + 1) * bs][lo : lo + local]
                     yield (
                         x_old[idx].to(self.device),
                         None if x_side is None else x_side[idx].to(self.device),
@@ -476,11 +511,12 @@ class Context:
                         y[idx].to(self.device) if wants_labels else None,
                     )
 
-            def step(batch) -> torch.Tensor:
+            def step(batch, net: nn.Module) -> torch.Tensor:
                 o, s, t, labels = batch
                 if loss is not None:
-                    return loss(h, o, s, t, labels=labels) if wants_labels else loss(h, o, s, t)
-                return transformation_loss(h(o, s), t)
+                    # ``net`` is h, or its DDP wrapper under torchrun: a custom loss calls it.
+                    return loss(net, o, s, t, labels=labels) if wants_labels else loss(net, o, s, t)
+                return transformation_loss(net(o, s), t)
 
             def on_epoch(epoch: int) -> None:
                 if epoch >= freeze_at and hasattr(h, "freeze_bn"):
@@ -530,7 +566,9 @@ def embed_loader(model: nn.Module, loader, device: torch.device) -> torch.Tensor
 
     model.eval().to(device)
     out = []
-    for x, _ in tqdm(loader, desc="embed", leave=False, disable=None, file=sys.stderr):
+    for x, _ in tqdm(
+        loader, desc="embed", leave=False, disable=distributed.quiet(), file=sys.stderr
+    ):
         out.append(model.embed(x).float().cpu())
     return torch.cat(out)
 

@@ -3,6 +3,9 @@
 A record's path comes from its config: ``OUT/runs/SCENARIO/METHOD.json`` (seed 0) or
 ``METHOD.seedN.json``. A record that exists and was made from the same config (scenario,
 method, seed: its ``config_hash``) is skipped; ``force`` reruns it and retrains its artifacts.
+
+Under torchrun every rank walks the same plan: all ranks train and embed (fct.distributed),
+rank 0 alone decides what is skipped, evaluates, and writes records and the report.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fct import retrieval
+from fct import distributed, retrieval
 from fct.artifacts import Cache
 from fct.context import Context, apply_transformation
 from fct.curves import backfill_curves
@@ -46,6 +49,7 @@ class RunOptions:
     download: bool = False
     methods: tuple[str, ...] | None = None
     scenarios: str | None = None
+    sync_bn: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,25 +75,61 @@ def _features(x: torch.Tensor, y: torch.Tensor, name: str) -> retrieval.FeatureS
     return retrieval.FeatureSet(x.float().numpy(), y.numpy().astype(np.int64), name=name)
 
 
+def _faiss_has_gpu() -> bool:
+    """Whether the installed faiss has GPU support and sees a GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def knn_options(ctx: Context) -> dict[str, str]:
+    """The evaluation's distance, kNN backend and device, logged once per run.
+
+    On a GPU: faiss's GPU index when the scenario asks for faiss and the installed faiss has
+    GPU support (``pip install .[gpu]``), else the torch backend on the GPU (the same exact
+    metrics: the backends agree to 1e-6). On a CPU: the scenario's backend.
+    """
+    sc = ctx.scenario
+    backend, device = sc.eval.backend, "cpu"
+    if ctx.device.type == "cuda":
+        device = str(ctx.device)
+        if backend == "faiss" and not _faiss_has_gpu():
+            backend = "torch"
+            why = "the installed faiss has no GPU support (pip install .[gpu] for it)"
+        else:
+            why = "faiss GPU index" if backend == "faiss" else "as the scenario asks"
+        message = f"kNN evaluation: {backend} backend on {device} ({why})"
+    else:
+        message = f"kNN evaluation: {backend} backend on the CPU"
+    if ctx._memo.get("knn-log") != message:
+        log.info("%s", message)
+        ctx._memo["knn-log"] = message
+    return {"distance": sc.eval.distance, "backend": backend, "device": device}
+
+
 def _round(d: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def evaluate_deployment(
     ctx: Context, dep: Deployment
-) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]] | None:
     """The three cases of a deployment, the measured update costs and the backfilling curves
-    (run-record keys ``curves``, ``auc``, ``backfill_curves``: see fct.curves)."""
+    (run-record keys ``curves``, ``auc``, ``backfill_curves``: see fct.curves).
+
+    Under torchrun every rank takes part in embedding the evaluation split (sharded); the
+    evaluation itself runs on rank 0, and the other ranks return None.
+    """
     sc = ctx.scenario
-    opts = {
-        "distance": sc.eval.distance,
-        "backend": sc.eval.backend,
-        "device": "cuda" if ctx.device.type == "cuda" and sc.eval.backend == "torch" else "cpu",
-    }
     old = ctx.old_model()
     old_x, labels = ctx.embed(old, "eval")
     new_x, _ = ctx.embed(dep.query_model, "eval")
     side_x = ctx.embed(ctx.side_model(), "eval")[0] if dep.uses_side else None
+    if not distributed.is_main():
+        return None
+    opts = knn_options(ctx)
     cases = {}
     memo_key = ("old/old", old.digest, str(opts))
     if memo_key not in ctx._memo:
@@ -138,16 +178,8 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     digest = config_hash(
         {"scenario": sc.as_dict(), "method": method.config(), "seed": opts.seed, "schema": SCHEMA}
     )
-    if path.exists() and not opts.force:
-        try:
-            if read_json(path).get("config_hash") == digest:
-                log.info("%s / %s: up to date (%s), skipped", sc.name, method_name, path)
-                return path
-        except FCTError:
-            log.warning("%s is unreadable; rerunning it", path)
-        log.info(
-            "%s / %s: config changed since %s was written; rerunning", sc.name, method_name, path
-        )
+    if distributed.broadcast_json(_up_to_date(path, digest, opts, sc.name, method_name)):
+        return path
     log.info("%s / %s: fitting on %s (seed %d)", sc.name, method_name, ctx.device, opts.seed)
     t0 = time.perf_counter()
     # A method's own random draws (a module it builds, a sample it takes) start from a stream
@@ -157,7 +189,10 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         int(config_hash({"method": method_name, "seed": opts.seed}), 16) % (2**63 - 1)
     )
     dep = method.fit(ctx)
-    cases, costs, curves = evaluate_deployment(ctx, dep)
+    evaluated = evaluate_deployment(ctx, dep)
+    if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
+        return path
+    cases, costs, curves = evaluated
     costs["train_seconds"] = round(sum(a.train_seconds for a in dep.artifacts if a is not None), 2)
     wall = time.perf_counter() - t0
     record = {
@@ -175,7 +210,10 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         "artifacts": {
             a.entry.kind + "/" + a.name: a.digest for a in dep.artifacts if a is not None
         },
-        "provenance": provenance(str(ctx.device), opts.seed, wall),
+        "provenance": {
+            **provenance(str(ctx.device), opts.seed, wall),
+            "world_size": distributed.world(),
+        },
     }
     write_json(path, record)
     c = cases["cross"]
@@ -190,6 +228,20 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         path,
     )
     return path
+
+
+def _up_to_date(path: Path, digest: str, opts: RunOptions, scenario: str, method: str) -> bool:
+    """Whether the record at ``path`` was made from this config (rank 0 reads it)."""
+    if not distributed.is_main() or opts.force or not path.exists():
+        return False
+    try:
+        if read_json(path).get("config_hash") == digest:
+            log.info("%s / %s: up to date (%s), skipped", scenario, method, path)
+            return True
+    except FCTError:
+        log.warning("%s is unreadable; rerunning it", path)
+    log.info("%s / %s: config changed since %s was written; rerunning", scenario, method, path)
+    return False
 
 
 def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
@@ -224,19 +276,22 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     error or a crash later keeps every finished record and cache entry; rerunning the same
     command continues from there.
     """
-    device = resolve_device(opts.device)
+    device = distributed.setup(opts.device)
     cache = Cache(opts.cache)
     scenarios: list[Scenario] = suite.select(opts.scenarios)
     written: list[Path] = []
     log.info(
-        "suite %s: %d scenario(s) on %s; records -> %s/runs, cache -> %s",
+        "suite %s: %d scenario(s) on %s%s; records -> %s/runs, cache -> %s",
         suite.name,
         len(scenarios),
         device,
+        f" x {distributed.world()} processes" if distributed.active() else "",
         opts.out,
         cache.root,
     )
-    check_writable(opts.out / "runs", "results folder", "choose another --out")
+    if distributed.is_main():
+        check_writable(opts.out / "runs", "results folder", "choose another --out")
+    distributed.check_shared_folder(cache.root, "the cache folder", "--cache (or FCT_CACHE)")
     forced_keys: set = set()
     sources: dict = {}  # data loaded by the checks is shared by every scenario's Context
     plan = []
@@ -250,6 +305,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
             data_root=opts.data_root,
             download=opts.download,
             force=opts.force,
+            sync_bn=opts.sync_bn,
             _sources=sources,
             _forced=forced_keys,
         )
@@ -258,6 +314,8 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     for ctx, methods in plan:
         for m in methods:
             written.append(run_one(ctx, m, opts))
+    if not distributed.is_main():
+        return []  # records and the report are rank 0's
     from fct.report import build_report
 
     build_report(suite.name, [opts.out], opts.out)

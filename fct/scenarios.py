@@ -493,3 +493,26 @@ def smoke_suite(suite: Suite) -> Suite:
     return dataclasses.replace(
         suite, name=suite.name, scenarios=tuple(smoke(s) for s in suite.scenarios)
     )
+
+
+def with_global_batch(suite: Suite, batch: int) -> Suite:
+    """Every backbone (old, new, side) trained with global batch ``batch``, its learning rate
+    scaled by ``batch / batch_size`` (the linear scaling rule of Goyal et al., 2017).
+
+    For multi-GPU runs that want a larger batch than the suite's: the suite's batch sizes are
+    global batches already, so leaving them alone gives the same training on any number of
+    processes. The transformation h (trained on stored embeddings) keeps its settings.
+    """
+    if batch < 1:
+        raise FCTError(f"--global-batch must be a positive integer, got {batch}")
+
+    def model(s: ModelSpec) -> ModelSpec:
+        return dataclasses.replace(s, batch_size=batch, lr=s.lr * batch / s.batch_size)
+
+    scenarios = tuple(
+        dataclasses.replace(
+            sc, old=model(sc.old), new=model(sc.new), side=model(sc.side) if sc.side else None
+        )
+        for sc in suite.scenarios
+    )
+    return dataclasses.replace(suite, scenarios=scenarios)

@@ -4,12 +4,18 @@ SGD or AdamW, per-step cosine schedule with linear warm-up, bf16 autocast and ch
 GPU, a progress bar, an atomic checkpoint after every epoch and resume from the last one. Each
 epoch reseeds torch from (seed, epoch) and the loaders shuffle and augment from (seed, epoch),
 so a resumed run continues exactly where an uninterrupted one would be (on CPU).
+
+Under torchrun (fct.distributed) the same loop trains with DistributedDataParallel: the step
+function gets the DDP-wrapped module, every rank feeds its slice of each global batch, the
+loss that is logged and checked for NaN is the mean over ranks, and rank 0 alone reads and
+writes checkpoints (a resume broadcasts its weights and optimizer state to the others).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import math
@@ -26,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fct import distributed
 from fct.errors import FCTError
 from fct.io import DISK_FULL, fsync_dir, sha256_file, write_safetensors
 
@@ -240,9 +247,49 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
 # --- the loop ---------------------------------------------------------------------------------
 
 
+def _resume(checkpoint_dir: Path | None, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load the last checkpoint (rank 0) and hand weights and optimizer state to every rank."""
+    start = (
+        load_checkpoint(checkpoint_dir, model, opt)
+        if checkpoint_dir and distributed.is_main()
+        else 0
+    )
+    if not distributed.active():
+        return start
+    start = distributed.broadcast_json(start)
+    if start:
+        # DDP broadcasts rank 0's weights when it wraps the model; the optimizer state (SGD
+        # momentum, Adam moments) must match too, or the ranks' updates would drift apart.
+        tensors, extra = _flatten_optimizer(opt) if distributed.is_main() else (None, None)
+        tensors = distributed.broadcast_tensors(tensors)
+        extra = distributed.broadcast_json(extra)
+        if not distributed.is_main():
+            opt.load_state_dict(_unflatten_optimizer(tensors, extra))
+    return start
+
+
+def _wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
+    """``model`` as trained by this process: itself, or DistributedDataParallel under torchrun."""
+    if not distributed.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_bn:
+        if device.type == "cuda":
+            # In place for every BatchNorm below the top level; the weights stay shared.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning(
+                "sync_bn needs GPUs (NCCL); on the CPU each rank keeps its own BatchNorm statistics"
+            )
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def train(
     model: nn.Module,
-    step_loss: Callable[[Any], torch.Tensor],
+    step_loss: Callable[[Any, nn.Module], torch.Tensor],
     batches: Callable[[int], Iterable[Any]],
     steps_per_epoch: int,
     cfg: OptimConfig,
@@ -254,13 +301,17 @@ def train(
     params: Iterable[nn.Parameter] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     items_per_batch: Callable[[Any], int] | None = None,
+    sync_bn: bool = False,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs.
 
-    ``batches(epoch)`` yields the epoch's batches; ``step_loss(batch)`` returns the scalar loss
-    (the caller does the forward pass, under the autocast set here). ``on_epoch_start(epoch)``
-    runs before each epoch (e.g. to freeze BatchNorm late in training). A non-finite loss stops
-    training with an FCTError naming the learning rate; the last good checkpoint is kept.
+    ``batches(epoch)`` yields the epoch's batches (under torchrun: this rank's slices of them);
+    ``step_loss(batch, net)`` returns the scalar loss, computed by calling ``net`` (``model``
+    itself, or its DistributedDataParallel wrapper under torchrun: call it, not its methods),
+    under the autocast set here. ``on_epoch_start(epoch)`` runs before each epoch (e.g. to
+    freeze BatchNorm late in training). A non-finite loss stops training with an FCTError
+    naming the learning rate; the last good checkpoint is kept. ``sync_bn`` turns BatchNorm
+    into SyncBatchNorm under torchrun on GPUs.
     """
     from tqdm import tqdm
 
@@ -268,7 +319,8 @@ def train(
     opt = make_optimizer(params if params is not None else model.parameters(), cfg)
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    start = load_checkpoint(checkpoint_dir, model, opt) if checkpoint_dir else 0
+    start = _resume(checkpoint_dir, model, opt)
+    net = _wrap(model, device, sync_bn)
     if start:
         log.info(
             "%s: resuming from the checkpoint of epoch %d/%d in %s",
@@ -286,60 +338,76 @@ def train(
     t0 = time.perf_counter()
     seen = 0
     last = float("nan")
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(epoch_seed(seed, epoch))
-        if on_epoch_start:
-            on_epoch_start(epoch)
-        model.train()
-        if on_epoch_start:  # model.train() may undo what the callback set; run it again
-            on_epoch_start(epoch)
-        bar = tqdm(
-            batches(epoch),
-            total=steps_per_epoch,
-            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=None,
-            file=sys.stderr,
-        )
-        e0, wait, running, n = time.perf_counter(), 0.0, 0.0, 0
-        w0 = time.perf_counter()
-        for i, batch in enumerate(bar):
-            wait += time.perf_counter() - w0
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
-            with autocast:
-                loss = step_loss(batch)
-            if not torch.isfinite(loss):
-                kept = (
-                    f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
-                )
-                raise FCTError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1} while training {desc}; "
-                    f"{kept}; lower the learning rate (now lr = {cfg.lr}) in the suite file and rerun"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += float(loss.detach())
-            n += 1
-            seen += items_per_batch(batch) if items_per_batch else 0
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{running / n:.4f}")
+    try:
+        for epoch in range(start, cfg.epochs):
+            # Each rank draws its own dropout masks and the like (rank 0 as a single process would).
+            torch.manual_seed(epoch_seed(seed, epoch) + distributed.rank())
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            model.train()
+            if on_epoch_start:  # model.train() may undo what the callback set; run it again
+                on_epoch_start(epoch)
+            bar = tqdm(
+                batches(epoch),
+                total=steps_per_epoch,
+                desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                disable=distributed.quiet(),
+                file=sys.stderr,
+            )
+            e0, wait, running, n, epoch_items = time.perf_counter(), 0.0, 0.0, 0, 0
             w0 = time.perf_counter()
-        bar.close()
-        last = running / max(1, n)
-        dt = time.perf_counter() - e0
-        log.info(
-            "%s epoch %d/%d: loss %.4f, %.1fs, %.0f%% waiting for data",
-            desc,
-            epoch + 1,
-            cfg.epochs,
-            last,
-            dt,
-            100 * wait / max(dt, 1e-9),
-        )
-        if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, epoch + 1, model, opt, {"loss": last})
+            for i, batch in enumerate(bar):
+                wait += time.perf_counter() - w0
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(epoch * steps_per_epoch + i, total, warmup, cfg.lr)
+                with autocast:
+                    loss = step_loss(batch, net)
+                # The mean over ranks, so every rank takes the same decision below.
+                mean_loss = distributed.all_reduce_mean(loss)
+                if not torch.isfinite(mean_loss):
+                    kept = (
+                        f"the checkpoint of epoch {epoch} is kept"
+                        if epoch
+                        else "no epoch had finished"
+                    )
+                    raise FCTError(
+                        f"loss became {mean_loss.item()} at epoch {epoch + 1}, step {i + 1} while training {desc}; "
+                        f"{kept}; lower the learning rate (now lr = {cfg.lr}) in the suite file and rerun"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += float(mean_loss)
+                n += 1
+                epoch_items += items_per_batch(batch) if items_per_batch else 0
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{running / n:.4f}")
+                w0 = time.perf_counter()
+            bar.close()
+            last = running / max(1, n)
+            dt = time.perf_counter() - e0
+            epoch_items = int(distributed.all_reduce_sum(epoch_items))  # every rank's images
+            seen += epoch_items
+            log.info(
+                "%s epoch %d/%d: loss %.4f, %.1fs, %.0f items/s%s, %.0f%% waiting for data",
+                desc,
+                epoch + 1,
+                cfg.epochs,
+                last,
+                dt,
+                epoch_items / max(dt, 1e-9),
+                f" over {distributed.world()} processes" if distributed.world() > 1 else "",
+                100 * wait / max(dt, 1e-9),
+            )
+            if checkpoint_dir and distributed.is_main():
+                save_checkpoint(checkpoint_dir, epoch + 1, model, opt, {"loss": last})
+    finally:
+        if net is not model:
+            # Free DDP's reducer now, while the process group is up: left to the garbage
+            # collector it may be destroyed after the group is, which aborts the process.
+            del net
+            gc.collect()
     seconds = time.perf_counter() - t0
     model.eval()
     return TrainResult(seconds, cfg.epochs, last, start, seen / seconds if seconds > 0 else 0.0)

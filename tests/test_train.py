@@ -27,9 +27,9 @@ def setup(init_seed: int = 0):
         loader.set_epoch(epoch)
         return loader
 
-    def step(batch):
+    def step(batch, net):
         x, y = batch
-        return torch.nn.functional.cross_entropy(model(x)[1], y)
+        return torch.nn.functional.cross_entropy(net(x)[1], y)
 
     return model, batches, step, len(loader)
 
@@ -56,11 +56,11 @@ def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tmp_path):
     model, batches, step, n = setup()
     calls = {"n": 0}
 
-    def crashing_step(batch):
+    def crashing_step(batch, net):
         calls["n"] += 1
         if calls["n"] == n + 2:  # in the middle of the second epoch
             raise KeyboardInterrupt
-        return step(batch)
+        return step(batch, net)
 
     with pytest.raises(KeyboardInterrupt):
         train(
@@ -104,13 +104,13 @@ def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
     model, batches, step, n = setup()
     calls = {"n": 0}
 
-    def crashing_step(batch):
+    def crashing_step(batch, net):
         calls["n"] += 1
         if calls["n"] == n + 1:  # epoch 2 starts: epoch 1's checkpoint is complete
             shutil.copytree(ckpt / "epoch-0001", kept)
         if calls["n"] == 2 * n + 1:  # epoch 3 starts: stop
             raise KeyboardInterrupt
-        return step(batch)
+        return step(batch, net)
 
     with pytest.raises(KeyboardInterrupt):
         train(
@@ -156,9 +156,9 @@ def test_nan_loss_stops_with_the_learning_rate_named(tmp_path):
     model, batches, step, n = setup()
     calls = {"n": 0}
 
-    def nan_step(batch):
+    def nan_step(batch, net):
         calls["n"] += 1
-        loss = step(batch)
+        loss = step(batch, net)
         return loss * float("nan") if calls["n"] > n else loss
 
     with pytest.raises(

@@ -3,6 +3,10 @@
 Every function takes a float batch [B,C,H,W] in [0, 1] and a ``torch.Generator``. Random
 parameters are drawn with that generator on its own device, in a fixed order, and then moved to
 the batch's device: the same generator state gives the same augmentation on CPU and GPU.
+
+Every draw is one value per image. Under torchrun a rank holds every W-th image of the global
+batch, so it passes a ``RankDraws``: it draws the whole global batch's values and keeps its
+own every W-th, and each image gets the augmentation it would get in a single process.
 """
 
 from __future__ import annotations
@@ -24,16 +28,48 @@ def _check(x: torch.Tensor) -> None:
         )
 
 
-def _uniform(
-    gen: torch.Generator, n: int, lo: float, hi: float, device: torch.device
-) -> torch.Tensor:
+class RankDraws:
+    """A generator's per-image draws for one rank of W: rank r of a batch holds the global
+    batch's images r, r + W, r + 2W, ..., so it draws W values per image and keeps those."""
+
+    def __init__(self, gen: Draws, rank: int, world: int) -> None:
+        self.gen, self.rank, self.world = gen, rank, world
+        self.device = gen.device
+
+    def rand(self, n: int) -> torch.Tensor:
+        """This rank's ``n`` of ``n * world`` U(0, 1) draws."""
+        full = torch.rand(n * self.world, generator=self.gen, device=self.device)
+        return full[self.rank :: self.world]
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        """This rank's ``n`` of ``n * world`` integer draws in [0, high)."""
+        full = torch.randint(0, high, (n * self.world,), generator=self.gen, device=self.device)
+        return full[self.rank :: self.world]
+
+
+Draws = torch.Generator | RankDraws
+
+
+def _rand(gen: Draws, n: int) -> torch.Tensor:
+    if isinstance(gen, RankDraws):
+        return gen.rand(n)
+    return torch.rand(n, generator=gen, device=gen.device)
+
+
+def _randint(gen: Draws, high: int, n: int) -> torch.Tensor:
+    if isinstance(gen, RankDraws):
+        return gen.randint(high, n)
+    return torch.randint(0, high, (n,), generator=gen, device=gen.device)
+
+
+def _uniform(gen: Draws, n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
     """``n`` draws from U(lo, hi) on ``device``."""
-    return (torch.rand(n, generator=gen, device=gen.device) * (hi - lo) + lo).to(device)
+    return (_rand(gen, n) * (hi - lo) + lo).to(device)
 
 
-def _coin(gen: torch.Generator, n: int, p: float, device: torch.device) -> torch.Tensor:
+def _coin(gen: Draws, n: int, p: float, device: torch.device) -> torch.Tensor:
     """``n`` booleans that are True with probability ``p``."""
-    return (torch.rand(n, generator=gen, device=gen.device) < p).to(device)
+    return (_rand(gen, n) < p).to(device)
 
 
 def crop_padding(size: int) -> int:
@@ -41,7 +77,7 @@ def crop_padding(size: int) -> int:
     return max(1, round(size / 8))
 
 
-def supervised_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def supervised_augment(x: torch.Tensor, gen: Draws) -> torch.Tensor:
     """Random crop from a reflect-padded image (pad = size / 8) and a random horizontal flip.
 
     The standard CIFAR training augmentation, done as one gather for the whole batch.
@@ -51,8 +87,8 @@ def supervised_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     pad = min(crop_padding(min(h, w)), h - 1, w - 1)  # reflect padding must be < the size
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dev = x.device
-    top = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(dev)
-    left = torch.randint(0, 2 * pad + 1, (b,), generator=gen, device=gen.device).to(dev)
+    top = _randint(gen, 2 * pad + 1, b).to(dev)
+    left = _randint(gen, 2 * pad + 1, b).to(dev)
     flip = _coin(gen, b, 0.5, dev)
     rows = top[:, None] + torch.arange(h, device=dev)
     cols = left[:, None] + torch.arange(w, device=dev)
@@ -64,7 +100,7 @@ def supervised_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def random_resized_crop(
     x: torch.Tensor,
-    gen: torch.Generator,
+    gen: Draws,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> torch.Tensor:
@@ -106,7 +142,7 @@ def _hue_rotation(angle: torch.Tensor) -> torch.Tensor:
 
 
 def color_jitter(
-    x: torch.Tensor, gen: torch.Generator, strength: float = 0.4, hue: float = 0.1, p: float = 0.8
+    x: torch.Tensor, gen: Draws, strength: float = 0.4, hue: float = 0.1, p: float = 0.8
 ) -> torch.Tensor:
     """With probability ``p`` per image: brightness and contrast jitter (factors in
     1 +- strength), plus saturation jitter and a hue shift up to ``hue`` turns for RGB."""
@@ -126,7 +162,7 @@ def color_jitter(
     return torch.where(apply, out, x)
 
 
-def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> torch.Tensor:
+def random_grayscale(x: torch.Tensor, gen: Draws, p: float = 0.2) -> torch.Tensor:
     """Replace RGB images by their luma (kept 3 channels) with probability ``p``; 1-channel
     batches pass through unchanged (no random numbers drawn)."""
     _check(x)
@@ -136,14 +172,14 @@ def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> t
     return torch.where(to_gray, _gray(x).expand_as(x), x)
 
 
-def simclr_view(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def simclr_view(x: torch.Tensor, gen: Draws) -> torch.Tensor:
     """One SimCLR view: random resized crop (scale 0.2-1) with flip, colour jitter, grayscale."""
     view = random_resized_crop(x, gen)
     view = color_jitter(view, gen)
     return random_grayscale(view, gen)
 
 
-def simclr_views(x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def simclr_views(x: torch.Tensor, gen: Draws) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent SimCLR views of the batch, for contrastive (side-information) training."""
     first = simclr_view(x, gen)
     return first, simclr_view(x, gen)

@@ -43,16 +43,22 @@ class UncertainTransformation(nn.Module):
         self.h = Transformation(d_old, d_new, d_side, hidden)
         self.sigma_head = nn.Linear(d_new, 1)
 
-    def forward(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
-        """h(old, side): embeddings ``[N, d_new]``."""
-        return self.h(old, side)
+    def forward(
+        self, old: torch.Tensor, side: torch.Tensor | None = None, with_sigma: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """h(old, side): embeddings ``[N, d_new]``; with ``with_sigma`` also sigma ``[N]``.
+
+        Training calls the module (``with_sigma=True``) rather than ``with_sigma()``, so the
+        call goes through DistributedDataParallel's forward under torchrun.
+        """
+        out = self.h(old, side)
+        return (out, self.sigma_head(out).squeeze(1)) if with_sigma else out
 
     def with_sigma(
         self, old: torch.Tensor, side: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h(old, side) [N, d_new], sigma [N])``."""
-        out = self.h(old, side)
-        return out, self.sigma_head(out).squeeze(1)
+        return self(old, side, with_sigma=True)
 
     def sigma(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """The uncertainty sigma ``[N]`` of each item (higher: h maps it worse)."""
@@ -157,8 +163,8 @@ class FastFill(Method):
         if use_ce:
             _check_labels(ctx, old, spec.train_on, weight.shape[0])
 
-        def loss(h: UncertainTransformation, o, s, t, labels=None) -> torch.Tensor:
-            pred, sigma = h.with_sigma(o, s)
+        def loss(h: nn.Module, o, s, t, labels=None) -> torch.Tensor:
+            pred, sigma = h(o, s, with_sigma=True)  # h may be the DDP wrapper: call it
             if not use_ce:
                 return fastfill_loss(pred, sigma, t, None, None)
             logits = classifier_logits(new.spec, weight, pred)
