@@ -250,17 +250,16 @@ def check_shared_folder(folder: Path, what: str, option: str) -> None:
         )
 
 
-def torchrun_command(nproc: int, fct_args: Sequence[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m fct ARGS``."""
+def torchrun_command(nproc: int, program: Sequence[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N PROGRAM...``
+    (``program``: a script and its arguments, or ``-m module ...``)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "-m",
-        "fct",
-        *fct_args,
+        *program,
     ]
 
 
@@ -276,6 +275,6 @@ def launch(nproc: int, fct_args: Sequence[str]) -> int:
         raise FCTError("--nproc is for launching; this process already runs under torchrun")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = torchrun_command(nproc, fct_args)
+    cmd = torchrun_command(nproc, ["-m", "fct", *fct_args])
     log.info("launching %d processes: %s", nproc, " ".join(cmd[1:]))
     return subprocess.run(cmd, env=env).returncode

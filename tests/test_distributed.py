@@ -24,19 +24,10 @@ import torch
 from conftest import ROOT, fct_command, fct_env
 from safetensors.torch import load_file
 
+from fct.distributed import torchrun_command
+
 TESTS = Path(__file__).resolve().parent
 METRICS = ("top1", "top5", "mAP", "mAP@R")
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *args,
-    ]
 
 
 def test_ddp_training_equals_one_process(tmp_path):
@@ -54,7 +45,7 @@ def test_ddp_training_equals_one_process(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        torchrun(2, worker, str(tmp_path / "two"), str(tmp_path / "cache2")),
+        torchrun_command(2, [worker, str(tmp_path / "two"), str(tmp_path / "cache2")]),
         env=env,
         capture_output=True,
         text=True,
