@@ -12,8 +12,11 @@ Definitions (see docs/metrics.md):
 - A query's own gallery entry (leave-one-out, or the paired item in the cross-model case) is
   excluded by index; queries with no same-class item left are skipped and counted.
 
-The work per block is one full-row sort (numpy's SIMD sort, rows split over threads) plus binary
-searches of the R positive distances into it, so no per-query Python runs.
+Per block, no per-query Python runs: for each query only the gallery items no farther than its
+farthest same-class item can change a metric, so a linear-time partition (numpy's SIMD
+``partition``) moves those to the front of a copy of the row, only they are sorted, and the R
+same-class distances are binary-searched into them (see ``_closer_counts``; rows where they are
+most of the gallery are sorted whole). Rows are split over threads.
 """
 
 from __future__ import annotations
@@ -59,19 +62,116 @@ class GalleryIndex:
         return start, count
 
 
-def _sort_rows(dist: np.ndarray, threads: int) -> np.ndarray:
-    """Row-wise ascending sort; numpy releases the GIL, so threads split the rows."""
-    if threads <= 1 or dist.shape[0] < 2 * threads:
-        return np.sort(dist, axis=1)
-    out = np.empty_like(dist)
-    bounds = np.linspace(0, dist.shape[0], threads + 1).astype(int)
+# How `_closer_counts` picks each row's prefix: it estimates the row's count from every
+# SAMPLE_STRIDE-th column, rows of similar estimates share one partition width (GROUP_ROWS rows
+# per group), and a group whose width reaches past PARTIAL_MAX_FRACTION of the gallery sorts its
+# rows whole instead (partition + prefix sort only pays when the prefix is short).
+SAMPLE_STRIDE = 8
+SAMPLE_MARGIN = 3.0
+GROUP_ROWS = 32
+PARTIAL_MAX_FRACTION = 0.5
 
-    def work(i: int) -> None:
-        out[bounds[i] : bounds[i + 1]] = np.sort(dist[bounds[i] : bounds[i + 1]], axis=1)
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(work, range(threads)))
-    return out
+def _tie_runs(sorted_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted ascending: per entry, the first index of its run of equal values and
+    one past the last (what searchsorted left / right of each entry into its own row give)."""
+    b, r = sorted_rows.shape
+    k = np.broadcast_to(np.arange(r), (b, r))
+    step = sorted_rows[:, 1:] != sorted_rows[:, :-1]  # a new value starts at k + 1
+    starts = np.where(np.pad(step, ((0, 0), (1, 0)), constant_values=True), k, 0)
+    ends = np.where(np.pad(step, ((0, 0), (0, 1)), constant_values=True), k + 1, r)
+    lo = np.maximum.accumulate(starts, axis=1)
+    hi = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1].copy()  # no negative strides
+    return lo, hi
+
+
+def _closer_counts(
+    dist: np.ndarray,
+    pos_sorted: np.ndarray,
+    pos_run: np.ndarray,
+    n_pos: np.ndarray,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Count, for each query row i and each of its positives k (the distances ``pos_sorted[i]``,
+    ascending, valid for k < ``n_pos[i]``; ``pos_run`` = how many positives share that
+    distance), the gallery items at a distance ``<`` and ``<=`` that positive's: ``lt`` and
+    ``le``, [B, R] int64 (entries past ``n_pos`` are meaningless).
+
+    Only the row's ``c`` items no farther than its farthest positive matter, and on a useful
+    embedding they are a small part of the gallery (about a fifth in bench/test_bench_metrics).
+    So instead of sorting whole rows, a linear-time partition moves each row's ``w >= c``
+    closest items to the front, only those are sorted, and the positives are binary-searched
+    into them. ``c`` is not counted (a full pass over the row) but estimated from a sample of
+    the columns with a margin; after the partition the prefix is checked to be complete (its
+    largest item is farther than the farthest positive), and the rare rows where the
+    estimate fell short are redone with their exact count. Groups of rows too wide for a
+    partition to pay are sorted whole. Every path gives exact counts.
+    """
+    b, n = dist.shape
+    r_max = pos_sorted.shape[1]
+    last = np.maximum(n_pos - 1, 0)
+    thr = np.where(n_pos > 0, pos_sorted[np.arange(b), last], -np.inf).astype(dist.dtype)
+    overflow = np.isposinf(thr)
+    # Columns are sorted by class, so a strided sample draws evenly from every class; the
+    # margin is SAMPLE_MARGIN standard deviations of the sampled count (binomial, at most
+    # its square root).
+    hits = np.count_nonzero(dist[:, ::SAMPLE_STRIDE] <= thr[:, None], axis=1)
+    guess = SAMPLE_STRIDE * (hits + SAMPLE_MARGIN * np.sqrt(hits + 1) + 1)
+    lt = np.empty((b, r_max), dtype=np.int64)
+    le = np.empty((b, r_max), dtype=np.int64)
+
+    def count_group(rows: np.ndarray, width: int, exact: bool) -> np.ndarray:
+        """Fill lt/le for ``rows``, whose items within their farthest positive number at
+        most ``width`` (``exact``) or probably so; return the rows where that failed."""
+        short = np.zeros(len(rows), dtype=bool)
+        sub = dist[rows]  # a copy: dist itself keeps column order for the tie counts
+        if width < PARTIAL_MAX_FRACTION * n:
+            sub.partition(width - 1, axis=1)  # the `width` smallest first, in any order
+            cand = np.sort(sub[:, :width], axis=1)
+            if not exact:
+                # The prefix is complete iff the items left out (all >= its last) are
+                # farther than the farthest positive.
+                short = cand[:, -1] <= thr[rows]
+        else:
+            sub.sort(axis=1)
+            cand = sub
+        pos = pos_sorted[rows]
+        le_g = torch.searchsorted(torch.from_numpy(cand), torch.from_numpy(pos), right=True)
+        le_g = le_g.numpy()
+        # The items equal to a positive end at le_g; its run of tied positives is among them.
+        # Unless a negative ties too (the item before the run equals it), lt = le - run, which
+        # saves a second binary search per positive. Rows whose farthest positive is +inf
+        # (float32 overflow) are searched too, since the +inf padding of `pos` joins its run.
+        lt_g = le_g - pos_run[rows]
+        before = np.take_along_axis(cand, np.clip(lt_g - 1, 0, cand.shape[1] - 1), axis=1)
+        tied = np.flatnonzero(((lt_g > 0) & (before == pos)).any(axis=1) | overflow[rows])
+        if len(tied):
+            lt_g[tied] = torch.searchsorted(
+                torch.from_numpy(cand[tied]), torch.from_numpy(pos[tied]), right=False
+            ).numpy()
+        lt[rows], le[rows] = lt_g, le_g
+        return rows[short]
+
+    def count_rows(rows: np.ndarray, widths: np.ndarray, exact: bool) -> np.ndarray:
+        order = np.argsort(widths, kind="stable")
+        groups = [order[i : i + GROUP_ROWS] for i in range(0, len(order), GROUP_ROWS)]
+
+        def work(g: np.ndarray) -> np.ndarray:
+            return count_group(rows[g], max(1, min(n, int(widths[g].max()))), exact)
+
+        if threads > 1 and len(groups) > 1:
+            # numpy's partition/sort and torch's searchsorted release the GIL.
+            with ThreadPoolExecutor(min(threads, len(groups))) as pool:
+                failed = list(pool.map(work, groups))
+        else:
+            failed = [work(g) for g in groups]
+        return np.concatenate(failed)
+
+    retry = count_rows(np.arange(b), np.ceil(guess), exact=False)
+    if len(retry):  # the estimate fell short: count these rows' items exactly
+        within = np.count_nonzero(dist[retry] <= thr[retry, None], axis=1)
+        count_rows(retry, within, exact=True)
+    return lt, le
 
 
 def _negative_ties_before(
@@ -80,16 +180,18 @@ def _negative_ties_before(
     values: torch.Tensor,
     pos_orig: torch.Tensor,
     gallery_orig: torch.Tensor,
-    negative: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    row_labels: torch.Tensor,
 ) -> torch.Tensor:
     """For (row, positive) pairs whose distance ties a negative's: count the tied negatives
-    with a smaller gallery index (they rank first under the stable order). Rare outside
-    synthetic data, so a direct comparison is fine."""
+    (gallery label != ``row_labels``) with a smaller gallery index (they rank first under the
+    stable order). A few per block on real-valued data, so a direct comparison is fine."""
     out = torch.zeros(len(rows), dtype=torch.long)
     step = max(1, (1 << 24) // max(1, dist.shape[1]))
     for s in range(0, len(rows), step):
         r = rows[s : s + step]
-        hit = (dist[r] == values[s : s + step, None]) & negative[r]
+        hit = dist[r] == values[s : s + step, None]
+        hit &= gallery_labels[None, :] != row_labels[s : s + step, None]
         hit &= gallery_orig[None, :] < pos_orig[s : s + step, None]
         out[s : s + step] = hit.sum(1)
     return out
@@ -139,15 +241,14 @@ def block_metrics(
     pos = torch.where(
         in_block, dist.gather(1, col), torch.full_like(col, 0, dtype=dist.dtype) + float("inf")
     )
-    # Stable sort keeps equal distances in column order = original gallery index order.
-    pos_sorted, order = torch.sort(pos, dim=1, stable=True)
-    pos_orig = torch.from_numpy(gallery.perm)[col.gather(1, order)]
+    pos_sorted = torch.from_numpy(np.sort(pos.numpy(), axis=1))
 
-    full = torch.from_numpy(_sort_rows(dist.numpy(), threads))
-    le = torch.searchsorted(full, pos_sorted, right=True)  # items with d <= d_k
-    lt = torch.searchsorted(full, pos_sorted, right=False)  # items with d < d_k
-    pos_le = torch.searchsorted(pos_sorted, pos_sorted, right=True)
-    pos_lt = torch.searchsorted(pos_sorted, pos_sorted, right=False)
+    pos_lt_np, pos_le_np = _tie_runs(pos_sorted.numpy())  # positives at d < / <= d_k
+    lt_np, le_np = _closer_counts(
+        dist.numpy(), pos_sorted.numpy(), pos_le_np - pos_lt_np, n_pos, threads
+    )
+    lt, le = torch.from_numpy(lt_np), torch.from_numpy(le_np)  # items with d < / <= d_k
+    pos_lt, pos_le = torch.from_numpy(pos_lt_np), torch.from_numpy(pos_le_np)
 
     npos_t = torch.from_numpy(n_pos)
     valid = offs[None, :] < npos_t[:, None]  # the k-th positive exists (self excluded)
@@ -159,21 +260,24 @@ def block_metrics(
     need = valid & (neg_ties > 0)
     if bool(need.any()):
         r_idx, k_idx = need.nonzero(as_tuple=True)
-        gl = torch.from_numpy(gallery.labels[gallery.perm])
-        negative = gl[None, :] != torch.from_numpy(query_labels)[:, None]
+        # Which positive is k-th: a stable sort keeps equal distances in column order, which
+        # is original gallery index order (needed only for these rows).
+        tie_rows, r_pos = torch.unique(r_idx, return_inverse=True)
+        order = torch.sort(pos[tie_rows], dim=1, stable=True).indices
+        pos_orig = torch.from_numpy(gallery.perm)[col[tie_rows].gather(1, order)]
         rank[r_idx, k_idx] += _negative_ties_before(
             dist,
             r_idx,
             pos_sorted[r_idx, k_idx],
-            pos_orig[r_idx, k_idx],
+            pos_orig[r_pos, k_idx],
             torch.from_numpy(gallery.perm),
-            negative,
+            torch.from_numpy(gallery.labels[gallery.perm]),
+            torch.from_numpy(query_labels)[r_idx],
         )
 
-    vf = valid.double()
     denom = npos_t.clamp_min(1).double()
     # Full-ranking AP with tie groups (scikit-learn): precision at each positive's threshold.
-    ap = ((pos_le.double() / le.double()) * vf).sum(1) / denom
+    ap = torch.where(valid, pos_le.double() / le.clamp_min(1).double(), 0.0).sum(1) / denom
     # AP@R: only positives ranked within the first R count, precision = (k+1)/rank.
     within = valid & (rank <= npos_t[:, None])
     ap_r = (((offs[None, :] + 1).double() / rank.double()) * within.double()).sum(1) / denom

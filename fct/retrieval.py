@@ -2,7 +2,8 @@
 
 Distances come in bounded blocks of queries from one of two exact backends:
 
-- ``torch``: ``|q|^2 + |g|^2 - 2 q.g`` with one GEMM per block, on the CPU or a GPU.
+- ``torch``: ``|q|^2 + |g|^2 - 2 q.g`` with one GEMM per block, on the CPU (MKL's GEMM, or
+  oneDNN's on AMD CPUs: see ``_use_onednn_gemm``) or a GPU.
 - ``faiss``: faiss's flat (brute-force) pairwise distances; its GPU routine when the installed
   faiss has GPU support.
 
@@ -12,6 +13,7 @@ metrics themselves (fct.metrics) are shared, so the backends differ only in floa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -23,12 +25,14 @@ import torch
 
 from fct import metrics
 from fct.errors import FCTError
+from fct.models import onednn_linear_available
 
 log = logging.getLogger(__name__)
 
 DISTANCES = ("l2", "cosine")
 BACKENDS = ("torch", "faiss")
-# Per block: the distance rows, their sorted copy and masks, about 16 bytes per entry.
+# Per block: the distance rows, a fresh GEMM output or a copy expanded over duplicate gallery
+# vectors, and small per-row-group copies and masks: under 16 bytes per entry.
 DEFAULT_BLOCK_BYTES = 512 << 20
 
 
@@ -126,24 +130,72 @@ def _faiss_module():
     return faiss
 
 
+@functools.cache
+def _use_onednn_gemm() -> bool:
+    """Whether the torch backend's CPU GEMM goes through oneDNN instead of MKL (addmm).
+
+    On AMD CPUs MKL picks slow kernels: for this GEMM ([512, 128] x [128, 10,000], float32)
+    oneDNN ran 2.5x as fast on one core of a Zen 5 (docs/throughput.md saw the same for h).
+    On an Intel Xeon MKL was the faster one, so oneDNN is used on AMD only.
+    """
+    if not onednn_linear_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
 def distance_blocks(
     query: np.ndarray,
     gallery: np.ndarray,
     backend: str = "torch",
     device: str = "cpu",
     block_rows: int = 1024,
+    *,
+    reuse: bool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_query_row, squared L2 distances [b, N] as CPU float32)`` blocks."""
+    """Yield ``(first_query_row, squared L2 distances [b, N] as CPU float32)`` blocks.
+
+    With ``reuse`` the blocks are views of one buffer that the next block overwrites (the
+    caller must be done with a block before asking for the next), where the backend lets its
+    output go to a given array: a fresh block of this size is new pages that the kernel
+    faults in and zeroes, one by one.
+    """
+    if backend not in BACKENDS:
+        raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    rows = max(1, min(block_rows, len(query)))
+    buf: list[torch.Tensor] = []
+
+    def target(b: int) -> torch.Tensor:
+        """Where the next block's [b, N] distances go."""
+        if not reuse:
+            return torch.empty((b, len(gallery)), dtype=torch.float32)
+        if not buf:
+            buf.append(torch.empty((rows, len(gallery)), dtype=torch.float32))
+        return buf[0][:b]
+
     if backend == "torch":
         dev = torch.device(device)
         g = torch.from_numpy(gallery).to(dev)
         g_sq = (g * g).sum(1)
+        # Scaling g by -2 is exact, so either GEMM gives -2 q.g + |g|^2 up to float rounding.
+        onednn = dev.type == "cpu" and _use_onednn_gemm()
+        if onednn:
+            g_packed = torch.ops.mkldnn._reorder_linear_weight(-2.0 * g, rows)
         for s in range(0, len(query), block_rows):
             q = torch.from_numpy(query[s : s + block_rows]).to(dev)
-            d = torch.addmm(g_sq[None, :], q, g.T, beta=1.0, alpha=-2.0)
+            if onednn:
+                d = torch.ops.mkldnn._linear_pointwise(q, g_packed, g_sq, "none", [], "")
+            elif dev.type == "cpu":
+                d = torch.addmm(g_sq[None, :], q, g.T, beta=1.0, alpha=-2.0, out=target(len(q)))
+            else:
+                d = torch.addmm(g_sq[None, :], q, g.T, beta=1.0, alpha=-2.0)
             d += (q * q).sum(1, keepdim=True)
-            yield s, d.clamp_min_(0).to("cpu", torch.float32)
-    elif backend == "faiss":
+            d.clamp_min_(0)
+            yield s, d if dev.type == "cpu" else target(len(q)).copy_(d)
+    else:
         faiss = _faiss_module()
         gpu = (
             device.startswith("cuda")
@@ -151,15 +203,26 @@ def distance_blocks(
             and faiss.get_num_gpus() > 0
         )
         res = faiss.StandardGpuResources() if gpu else None
+        dim = gallery.shape[1]
+        gallery = np.ascontiguousarray(gallery, dtype=np.float32)
         for s in range(0, len(query), block_rows):
-            q = query[s : s + block_rows]
+            q = np.ascontiguousarray(query[s : s + block_rows], dtype=np.float32)
+            d = target(len(q))
+            dn = d.numpy()
             if gpu:
-                d = faiss.pairwise_distance_gpu(res, q, gallery, metric=faiss.METRIC_L2)
+                dn[...] = faiss.pairwise_distance_gpu(res, q, gallery, metric=faiss.METRIC_L2)
             else:
-                d = faiss.pairwise_distances(q, gallery, metric=faiss.METRIC_L2)
-            yield s, torch.from_numpy(np.maximum(d, 0, dtype=np.float32))
-    else:
-        raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+                # faiss.pairwise_distances without its fresh output array.
+                faiss.pairwise_L2sqr(
+                    dim,
+                    len(q),
+                    faiss.swig_ptr(q),
+                    len(gallery),
+                    faiss.swig_ptr(gallery),
+                    faiss.swig_ptr(dn),
+                )
+            np.maximum(dn, 0, out=dn)
+            yield s, d
 
 
 def evaluate(
@@ -212,9 +275,12 @@ def evaluate(
     # 512-row blocks keep the GEMM output in cache-friendly sizes; fewer when memory is short.
     block_rows = int(max(1, min(len(q), 512, block_bytes // (16 * n))))
     results = []
-    blocks = distance_blocks(q, g_unique, backend=backend, device=device, block_rows=block_rows)
+    blocks = distance_blocks(
+        q, g_unique, backend=backend, device=device, block_rows=block_rows, reuse=True
+    )
     if expand is not None:
-        blocks = ((s, d[:, expand]) for s, d in blocks)
+        wide = torch.empty((block_rows, n), dtype=torch.float32)
+        blocks = ((s, torch.index_select(d, 1, expand, out=wide[: len(d)])) for s, d in blocks)
     if progress:
         from tqdm import tqdm
 

@@ -10,6 +10,8 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import return_results
 from sklearn.metrics import average_precision_score
 
+from fct import metrics, retrieval
+from fct.models import onednn_linear_available
 from fct.retrieval import FeatureSet, evaluate
 
 
@@ -156,3 +158,120 @@ def test_small_blocks_give_identical_results():
     a = evaluate(FeatureSet(x, y))
     b = evaluate(FeatureSet(x, y), block_bytes=16 * 257 * 7)  # 7 queries per block
     assert a == b
+
+
+def clustered(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tie-heavy classes along a line, each overlapping its neighbours: a query's farthest
+    same-class item is mostly nearer than most of the gallery, so the metrics mostly take the
+    partial-sort path (partition, then sort the prefix), with exact ties between classes and
+    duplicates."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = np.stack([2 * y + rng.integers(0, 4, n), rng.integers(0, 2, n)], 1).astype(np.float32)
+    x[n // 2 : n // 2 + 10] = x[:10]
+    return x, y
+
+
+# The ways fct.metrics._closer_counts can rank a block: the default (sampled estimates, partial
+# sorts where they pay), every row sorted whole, and every estimate too short, so that every row
+# is redone from its exact count after the partition's completeness check fails.
+RANKING_PATHS = {
+    "default": {},
+    "whole_rows": {"PARTIAL_MAX_FRACTION": 0.0},
+    "estimate_short": {"PARTIAL_MAX_FRACTION": 2.0, "SAMPLE_MARGIN": -1e9},
+}
+
+
+def use_path(monkeypatch, path: str) -> None:
+    for name, value in RANKING_PATHS[path].items():
+        monkeypatch.setattr(metrics, name, value)
+
+
+def test_clustered_data_takes_both_default_paths():
+    x, y = clustered(400, 30, 0)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    far = np.array([d[i][(y == y[i]) & (np.arange(400) != i)].max(initial=-1) for i in range(400)])
+    within = (d <= far[:, None]).sum(1)
+    # Mostly short prefixes (partitioned); the duplicated rows put some items among another
+    # class, so some rows reach past half the gallery (their groups are sorted whole).
+    assert np.median(within) < 0.2 * 400 and (within > 0.5 * 400).sum() >= 10
+
+
+@pytest.mark.parametrize("path", sorted(RANKING_PATHS))
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_ranking_path_matches_oracles(monkeypatch, path, backend, seed):
+    use_path(monkeypatch, path)
+    for x, y in (clustered(400, 30, seed), tie_heavy(240, 5, 7, seed)):
+        got = evaluate(FeatureSet(x, y), backend=backend, block_bytes=16 * len(x) * 64)
+        ref = brute_force(x, y, x, y, exclude_self=True)
+        for key in ("mAP", "top1", "top5", "mAP@R"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+        assert got["n_query"] == ref["n_query"]
+    q, ql = clustered(150, 30, seed + 10)
+    g, gl = clustered(300, 30, seed + 20)
+    got = evaluate(FeatureSet(q, ql), FeatureSet(g, gl), backend=backend)
+    ref = brute_force(q, ql, g, gl, exclude_self=False)
+    for key in ("mAP", "top1", "top5", "mAP@R"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("path", sorted(RANKING_PATHS))
+def test_closer_counts_are_exact(monkeypatch, path):
+    """lt/le against direct counting, on rows where positives tie each other and negatives."""
+    use_path(monkeypatch, path)
+    rng = np.random.default_rng(3)
+    b, n, r = 70, 300, 12
+    dist = rng.integers(0, 40, (b, n)).astype(np.float32)
+    dist[:, :5] = np.inf  # excluded own items, or distances that overflowed float32
+    n_pos = rng.integers(0, r + 1, b)
+    pos = np.full((b, r), np.inf, np.float32)  # padded with +inf
+    for i in range(b):
+        cols = rng.choice(np.arange(5, n), n_pos[i], replace=False)
+        cols[: i % 3 == 0] = i % 5  # an infinite positive
+        pos[i, : n_pos[i]] = dist[i, cols]
+    pos.sort(axis=1)
+    lo, hi = metrics._tie_runs(pos)
+    for threads in (1, 3):
+        lt, le = metrics._closer_counts(dist, pos, hi - lo, n_pos, threads)
+        for i in range(b):
+            k = n_pos[i]
+            assert (lt[i, :k] == (dist[i][None, :] < pos[i, :k, None]).sum(1)).all()
+            assert (le[i, :k] == (dist[i][None, :] <= pos[i, :k, None]).sum(1)).all()
+
+
+def test_tie_runs_match_searchsorted():
+    rows = np.sort(np.random.default_rng(0).integers(0, 5, (50, 9)).astype(np.float32), axis=1)
+    rows[:, -2:] = np.inf
+    lo, hi = metrics._tie_runs(rows)
+    for row, lo_i, hi_i in zip(rows, lo, hi):
+        assert (lo_i == np.searchsorted(row, row, "left")).all()
+        assert (hi_i == np.searchsorted(row, row, "right")).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_distance_blocks_are_exact_with_and_without_buffer_reuse(monkeypatch, backend):
+    x, _ = tie_heavy(100, 6, 3, 4)  # small integers: float32 distances are exact
+    ref = ((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1)
+    gemms = [False] + ([True] if onednn_linear_available() and backend == "torch" else [])
+    for onednn in gemms:  # MKL's GEMM (addmm) and oneDNN's, whatever the CPU's vendor
+        monkeypatch.setattr(retrieval, "_use_onednn_gemm", lambda onednn=onednn: onednn)
+        for reuse in (False, True):
+            blocks = retrieval.distance_blocks(x, x, backend, block_rows=32, reuse=reuse)
+            got = torch.cat([d.clone() for _, d in blocks]).numpy()
+            assert (got == ref).all()
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
+def test_gemm_libraries_agree_on_real_valued_data(monkeypatch):
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(20, 32))
+    y = rng.integers(0, 20, 1500)
+    x = (c[y] + rng.normal(size=(1500, 32))).astype(np.float32)
+    monkeypatch.setattr(retrieval, "_use_onednn_gemm", lambda: True)
+    a = evaluate(FeatureSet(x, y))
+    monkeypatch.setattr(retrieval, "_use_onednn_gemm", lambda: False)
+    b = evaluate(FeatureSet(x, y))
+    for key in ("top1", "top5", "mAP", "mAP@R"):
+        assert abs(a[key] - b[key]) < 1e-6 * 100, key
