@@ -118,14 +118,8 @@ fi
 export PYTHONUNBUFFERED=1
 
 cd "$REPO"
-for sizes in ${GPU_CHECK_SIZES:-reference quickstart}; do
-  # One call per sizes, so a timeout loses one file, not both; JSON on stdout, logs on stderr.
-  step "bench_$sizes" "$T_BENCH" bash -c '"$@" >"$0"' "$DEST/bench_$sizes.json" \
-    "$PY" -m fct "${BENCH_ARGS[@]}" --sizes "$sizes"
-done
-
-step tiny_gpu "$T_RUN" "$PY" -m fct "${RUN_ARGS[@]}"
-
+# Most important first, so a short lease loses the least: the DDP smoke run and the GPU
+# measurements, then the transformation benchmark, then the plain tiny run.
 # The DDP path (process group, NCCL, sharded embedding, rank-0 writes) on one GPU, with the
 # real architectures of a paper suite shrunk by --smoke, on fabricated CIFAR-100 files.
 step smoke_ddp "$T_SMOKE" bash -c 'set -e
@@ -134,6 +128,14 @@ step smoke_ddp "$T_SMOKE" bash -c 'set -e
   "$PY" "$SCRATCH/data" "${SMOKE_ARGS[@]}"
 
 step gpu_scale "$T_SCALE" bash -c '"$@" >"$0"' "$DEST/gpu_scale.json" "$PY" bench/gpu_scale.py
+
+for sizes in ${GPU_CHECK_SIZES:-reference quickstart}; do
+  # One call per sizes, so a timeout loses one file, not both; JSON on stdout, logs on stderr.
+  step "bench_$sizes" "$T_BENCH" bash -c '"$@" >"$0"' "$DEST/bench_$sizes.json" \
+    "$PY" -m fct "${BENCH_ARGS[@]}" --sizes "$sizes"
+done
+
+step tiny_gpu "$T_RUN" "$PY" -m fct "${RUN_ARGS[@]}"
 
 if [[ "${FCT_PACK:-1}" != 0 ]]; then
   # Few files come back from a device machine: one archive per tree of records.

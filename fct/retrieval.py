@@ -147,6 +147,50 @@ def _use_onednn_gemm() -> bool:
         return False
 
 
+class PoolClosed(Exception):
+    """The consumer of a BufferPool's blocks stopped (an error, or it was done)."""
+
+
+class BufferPool:
+    """Distance-block buffers [rows, cols], taken by the thread computing distances and given
+    back by the threads scoring them: a buffer is never rewritten while a block in it is in
+    use, however the threads are timed. At most ``count`` buffers are made."""
+
+    def __init__(self, count: int, rows: int, cols: int) -> None:
+        import queue
+        import threading
+
+        self._count, self._shape = count, (rows, cols)
+        self._free: queue.Queue = queue.Queue()
+        self._owner: dict[int, torch.Tensor] = {}
+        self._closed = threading.Event()
+
+    def take(self, rows: int) -> torch.Tensor:
+        """A free buffer's first ``rows`` rows (waits for one once ``count`` are out)."""
+        import queue
+
+        if len(self._owner) < self._count:
+            t = torch.empty(self._shape, dtype=torch.float32)
+            self._owner[t.data_ptr()] = t
+            return t[:rows]
+        while not self._closed.is_set():
+            try:
+                return self._free.get(timeout=0.1)[:rows]
+            except queue.Empty:
+                continue
+        raise PoolClosed
+
+    def give(self, block: torch.Tensor) -> None:
+        """Hand back the buffer ``block`` lives in (a block from elsewhere is ignored)."""
+        t = self._owner.get(block.data_ptr())
+        if t is not None:
+            self._free.put(t)
+
+    def close(self) -> None:
+        """Wake and stop a producer waiting in ``take``."""
+        self._closed.set()
+
+
 def distance_blocks(
     query: np.ndarray,
     gallery: np.ndarray,
@@ -154,14 +198,15 @@ def distance_blocks(
     device: str = "cpu",
     block_rows: int = 1024,
     *,
-    reuse: bool = False,
+    reuse: bool | BufferPool = False,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_query_row, squared L2 distances [b, N] as CPU float32)`` blocks.
 
     With ``reuse`` the blocks are views of one buffer that the next block overwrites (the
-    caller must be done with a block before asking for the next), where the backend lets its
-    output go to a given array: a fresh block of this size is new pages that the kernel
-    faults in and zeroes, one by one.
+    caller must be done with a block before asking for the next), or, given a
+    ``BufferPool``, of the pool's buffers (the caller hands each block back with
+    ``pool.give`` when done), where the backend lets its output go to a given array: a fresh
+    block of this size is new pages that the kernel faults in and zeroes, one by one.
     """
     if backend not in BACKENDS:
         raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
@@ -170,6 +215,8 @@ def distance_blocks(
 
     def target(b: int) -> torch.Tensor:
         """Where the next block's [b, N] distances go."""
+        if isinstance(reuse, BufferPool):
+            return reuse.take(b)
         if not reuse:
             return torch.empty((b, len(gallery)), dtype=torch.float32)
         if not buf:
@@ -225,6 +272,53 @@ def distance_blocks(
             yield s, d
 
 
+def _prefetched(
+    blocks: Iterator[tuple[int, torch.Tensor]], pool: BufferPool
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``blocks``, produced ahead in a background thread (errors re-raised here)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in blocks:
+                if not put(item):
+                    return
+            put(done)
+        except PoolClosed:
+            return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+
+    worker = threading.Thread(target=produce, name="fct-distances", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        pool.close()
+        worker.join()
+
+
 def evaluate(
     query: FeatureSet,
     gallery: FeatureSet | None = None,
@@ -272,25 +366,59 @@ def evaluate(
     # differs by column position and by backend) would decide their tie order: compute each
     # distinct vector once and copy its column.
     g_unique, expand = _unique_rows(g)
-    # 512-row blocks keep the GEMM output in cache-friendly sizes; fewer when memory is short.
-    block_rows = int(max(1, min(len(q), 512, block_bytes // (16 * n))))
-    results = []
-    blocks = distance_blocks(
-        q, g_unique, backend=backend, device=device, block_rows=block_rows, reuse=True
+    # Blocks are scored by `workers` threads at once (numpy's partition, sort and searches
+    # release the GIL), while a further thread computes the next block's distances.
+    workers = max(1, min(4, torch.get_num_threads()))
+    # 512-row blocks keep the GEMM output in cache-friendly sizes; fewer when memory is short
+    # (the budget is shared by the blocks in flight).
+    block_rows = int(max(1, min(len(q), 512, block_bytes // (16 * n * workers))))
+    # Buffers: enough for every scoring thread, the block waiting for one, the one in the
+    # prefetch queue and the one being written; each is handed back once scored.
+    pool = BufferPool(workers + 3, block_rows, len(g_unique))
+    feed = _prefetched(
+        distance_blocks(
+            q, g_unique, backend=backend, device=device, block_rows=block_rows, reuse=pool
+        ),
+        pool,
     )
-    if expand is not None:
-        wide = torch.empty((block_rows, n), dtype=torch.float32)
-        blocks = ((s, torch.index_select(d, 1, expand, out=wide[: len(d)])) for s, d in blocks)
+    blocks: Iterator[tuple[int, torch.Tensor]] = feed
     if progress:
         from tqdm import tqdm
 
         blocks = tqdm(
             blocks, total=-(-len(q) // block_rows), desc="evaluate", unit="block", leave=False
         )
-    for s, d in blocks:
+
+    def score(s: int, block: torch.Tensor) -> dict:
+        d = block if expand is None else torch.index_select(block, 1, expand)
+        if d is not block:
+            pool.give(block)  # the expanded copy is all that is needed from here
         e = s + d.shape[0]
         self_index = np.arange(s, e) if self_pairs else None
-        results.append(metrics.block_metrics(d, query.labels[s:e], self_index, index))
+        try:
+            # One thread per block when blocks are scored in parallel (no nested pools).
+            inner = 1 if workers > 1 else None
+            return metrics.block_metrics(d, query.labels[s:e], self_index, index, threads=inner)
+        finally:
+            if d is block:
+                pool.give(block)
+
+    results = []
+    try:
+        if workers == 1:
+            results = [score(s, d) for s, d in blocks]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="fct-metrics") as executor:
+                pending = []
+                for s, d in blocks:
+                    if len(pending) == workers:  # at most one block per scoring thread
+                        results.append(pending.pop(0).result())
+                    pending.append(executor.submit(score, s, d))
+                results.extend(f.result() for f in pending)
+    finally:
+        feed.close()  # stops the distance thread, also when scoring failed
     out: dict[str, float | int | str] = dict(metrics.summarize(results))
     if out["n_query"] == 0:
         raise FCTError(

@@ -285,7 +285,9 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
         suite.name,
         len(scenarios),
         device,
-        f" x {distributed.world()} processes" if distributed.active() else "",
+        f" x {distributed.world()} process{'es' if distributed.world() > 1 else ''}"
+        if distributed.active()
+        else "",
         opts.out,
         cache.root,
     )

@@ -153,11 +153,30 @@ def test_torch_and_faiss_agree_on_real_valued_data():
         assert abs(a[key] - b[key]) < 1e-6 * 100, key
 
 
-def test_small_blocks_give_identical_results():
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("dedup", [False, True])
+def test_small_blocks_give_identical_results(backend, dedup):
+    """37 blocks through the prefetching thread and the ring of reused buffers, with and
+    without duplicate gallery rows, equal one block."""
     x, y = tie_heavy(257, 4, 6, 9)
-    a = evaluate(FeatureSet(x, y))
-    b = evaluate(FeatureSet(x, y), block_bytes=16 * 257 * 7)  # 7 queries per block
+    if not dedup:
+        x = x + np.arange(len(x), dtype=np.float32)[:, None] * 1e-3  # every row distinct
+    a = evaluate(FeatureSet(x, y), backend=backend)
+    b = evaluate(FeatureSet(x, y), backend=backend, block_bytes=16 * 257 * 7)  # 7 per block
     assert a == b
+
+
+def test_an_error_while_computing_distances_reaches_the_caller(monkeypatch):
+    import fct.retrieval as retrieval
+
+    def broken(*args, **kwargs):
+        yield 0, torch.zeros((7, 257))
+        raise RuntimeError("GEMM failed")
+
+    monkeypatch.setattr(retrieval, "distance_blocks", broken)
+    x, y = tie_heavy(257, 4, 6, 9)
+    with pytest.raises(RuntimeError, match="GEMM failed"):
+        evaluate(FeatureSet(x, y), block_bytes=16 * 257 * 7)
 
 
 def clustered(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
