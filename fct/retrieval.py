@@ -147,6 +147,15 @@ def _use_onednn_gemm() -> bool:
         return False
 
 
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss has GPU support and sees a GPU (False without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 class PoolClosed(Exception):
     """The consumer of a BufferPool's blocks stopped (an error, or it was done)."""
 
@@ -244,11 +253,7 @@ def distance_blocks(
             yield s, d if dev.type == "cpu" else target(len(q)).copy_(d)
     else:
         faiss = _faiss_module()
-        gpu = (
-            device.startswith("cuda")
-            and hasattr(faiss, "StandardGpuResources")
-            and faiss.get_num_gpus() > 0
-        )
+        gpu = device.startswith("cuda") and faiss_has_gpu()
         res = faiss.StandardGpuResources() if gpu else None
         dim = gallery.shape[1]
         gallery = np.ascontiguousarray(gallery, dtype=np.float32)

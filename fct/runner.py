@@ -75,15 +75,6 @@ def _features(x: torch.Tensor, y: torch.Tensor, name: str) -> retrieval.FeatureS
     return retrieval.FeatureSet(x.float().numpy(), y.numpy().astype(np.int64), name=name)
 
 
-def _faiss_has_gpu() -> bool:
-    """Whether the installed faiss has GPU support and sees a GPU."""
-    try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def knn_options(ctx: Context) -> dict[str, str]:
     """The evaluation's distance, kNN backend and device, logged once per run.
 
@@ -95,7 +86,7 @@ def knn_options(ctx: Context) -> dict[str, str]:
     backend, device = sc.eval.backend, "cpu"
     if ctx.device.type == "cuda":
         device = str(ctx.device)
-        if backend == "faiss" and not _faiss_has_gpu():
+        if backend == "faiss" and not retrieval.faiss_has_gpu():
             backend = "torch"
             why = "the installed faiss has no GPU support (pip install .[gpu] for it)"
         else:

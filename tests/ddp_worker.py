@@ -80,7 +80,8 @@ def main(out: Path, cache_dir: Path) -> None:
             raise Stop
 
     ckpt = cache_dir / "partial" / "mlp"
-    kwargs = dict(device=torch.device("cpu"), seed=0, desc="mlp", checkpoint_dir=ckpt)
+    # sync_bn: no BatchNorm here, and on the CPU it is skipped with a warning anyway.
+    kwargs = dict(device=torch.device("cpu"), seed=0, desc="mlp", checkpoint_dir=ckpt, sync_bn=True)
     with contextlib.suppress(Stop):
         train(model, step, batches, len(loader), CFG, on_epoch_start=stop_after_two, **kwargs)
     # Resume in a fresh model: rank 0 reads the checkpoint and hands it to the others.

@@ -139,9 +139,16 @@ def test_second_run_under_torchrun_reads_the_cache_and_skips(tmp_path, clean_tin
                 assert two["cases"][case][m] == pytest.approx(one["cases"][case][m], abs=0.5)
 
 
-def test_nproc_errors_are_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--nproc", "0"], "error: --nproc must be at least 1"),
+        (["--global-batch", "0"], "error: --global-batch must be a positive integer"),
+    ],
+)
+def test_bad_scale_out_options_are_one_line(tmp_path, option, message):
     proc = subprocess.run(
-        fct_command("run", "tiny", "--nproc", "0", "--out", str(tmp_path / "o")),
+        fct_command("run", "tiny", *option, "--out", str(tmp_path / "o")),
         cwd=tmp_path,
         env=fct_env(),
         capture_output=True,
@@ -149,7 +156,8 @@ def test_nproc_errors_are_one_line(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --nproc must be at least 1")
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.strip().startswith(message)
 
 
 def test_batch_that_does_not_split_over_ranks_is_refused():
@@ -209,7 +217,8 @@ def test_knn_on_a_gpu_falls_back_to_torch_when_faiss_has_no_gpu(caplog):
     import dataclasses
     from types import SimpleNamespace
 
-    from fct.runner import _faiss_has_gpu, knn_options
+    from fct.retrieval import faiss_has_gpu
+    from fct.runner import knn_options
     from fct.scenarios import load_suite
 
     sc = load_suite("tiny").scenarios[0]
@@ -217,7 +226,7 @@ def test_knn_on_a_gpu_falls_back_to_torch_when_faiss_has_no_gpu(caplog):
     caplog.set_level("INFO")
     gpu = SimpleNamespace(scenario=sc, device=torch.device("cuda", 1), _memo={})
     opts = knn_options(gpu)
-    if _faiss_has_gpu():  # pragma: no cover - only with a GPU build of faiss and a GPU
+    if faiss_has_gpu():  # pragma: no cover - only with a GPU build of faiss and a GPU
         assert opts["backend"] == "faiss"
     else:
         assert opts == {"distance": "l2", "backend": "torch", "device": "cuda:1"}
