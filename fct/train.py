@@ -282,8 +282,11 @@ def _wrap(model: nn.Module, device: torch.device, sync_bn: bool) -> nn.Module:
             log.warning(
                 "sync_bn needs GPUs (NCCL); on the CPU each rank keeps its own BatchNorm statistics"
             )
+    # static_graph: the parameters a step uses are the same every step, found once in the
+    # first; a loss that ignores some of them (SupCon never uses the classifier) then works
+    # without a per-step search for unused parameters.
     return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
+        model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
     )
 
 

@@ -31,12 +31,14 @@ CFG = OptimConfig("sgd", 0.05, 0.9, 5e-4, epochs=3, warmup_epochs=0.5)
 
 
 class MLP(nn.Module):
-    """Flatten -> Linear -> ReLU -> embedding, plus a bias-free classifier; no BatchNorm."""
+    """Flatten -> Linear -> ReLU -> embedding, plus a bias-free classifier and a layer no loss
+    uses; no BatchNorm."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16))
         self.classifier = nn.Linear(16, 6, bias=False)
+        self.unused = nn.Linear(4, 4)  # never in the loss (like SupCon's classifier)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
