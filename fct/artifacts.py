@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from fct.errors import FCTError
-from fct.io import DISK_FULL, fsync_dir, sha256_file, write_safetensors
+from fct.io import atomic_dir, sha256_file, write_safetensors
 from fct.scenarios import config_hash
 
 log = logging.getLogger(__name__)
@@ -106,15 +105,13 @@ class Entry:
         fsynced, so a reader (or a later run after a crash) sees either no entry or a complete
         one. A full disk raises FCTError; entries already finished are untouched.
         """
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        except OSError as e:
-            raise FCTError(
-                f"cannot write to the cache folder {self.path.parent} ({e.strerror or e}); "
-                "free disk space or set FCT_CACHE (or --cache) to a writable folder"
-            ) from e
-        try:
+        with atomic_dir(
+            self.path,
+            prefix=f".{self.path.name}.",
+            where=f"to the cache folder {self.path.parent}",
+            fix="free disk space or set FCT_CACHE (or --cache) to a writable folder",
+            disk_full=f"no space left on device while writing {self.path}; free disk space (or set FCT_CACHE to a larger disk) and rerun: finished artifacts are kept",
+        ) as tmp:
             write_safetensors(
                 {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / TENSORS
             )
@@ -133,23 +130,6 @@ class Entry:
             (tmp / MANIFEST).write_text(
                 json.dumps({"format": FORMAT_VERSION, "files": files}, indent=2)
             )
-            for f in (TENSORS, META, MANIFEST):
-                with open(tmp / f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            if self.path.exists():  # a stale or concurrent copy: ours is as good
-                shutil.rmtree(self.path)
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno in DISK_FULL:
-                raise FCTError(
-                    f"no space left on device while writing {self.path}; free disk space (or set FCT_CACHE to a larger disk) and rerun: finished artifacts are kept"
-                ) from e
-            raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         shutil.rmtree(self.partial, ignore_errors=True)
 
 

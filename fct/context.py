@@ -255,11 +255,6 @@ class Context:
             loss_fn = make_loss(spec.loss, **dict(spec.loss_args))
             if extra is not None:
                 extra.prepare(self, model)
-            loader = self.loader(spec, spec.augment)
-
-            def batches(epoch: int):
-                loader.set_epoch(epoch)
-                return loader
 
             def step(batch, net: nn.Module) -> torch.Tensor:
                 x, y = batch
@@ -274,23 +269,42 @@ class Context:
                     loss = loss + extra(emb, logits, y, **images)
                 return loss
 
-            if self.device.type == "cuda":
-                model.to(self.device, memory_format=torch.channels_last)
-            return train(
-                model,
-                step,
-                batches,
-                len(loader),
-                _optim(spec),
-                device=self.device,
-                seed=self.seed,
-                desc=f"{e.name}",
-                checkpoint_dir=e.partial,
-                items_per_batch=lambda b: len(b[1]),
-                sync_bn=self.sync_bn,
-            )
+            return self._fit_on_images(model, spec, spec.augment, e, step)
 
         return self._load_or_train(entry, model, fit, spec)
+
+    def _fit_on_images(
+        self,
+        model: nn.Module,
+        spec: ModelSpec,
+        augment: str | None,
+        e: Entry,
+        step: Callable[[Any, nn.Module], torch.Tensor],
+        views: int = 1,
+    ) -> TrainResult:
+        """Train ``model`` on ``spec``'s images with ``step`` (fct.train.train), checkpointing
+        into the entry's partial folder; ``views`` images per item (2 for SimCLR's pairs)."""
+        loader = self.loader(spec, augment)
+
+        def batches(epoch: int):
+            loader.set_epoch(epoch)
+            return loader
+
+        if self.device.type == "cuda":
+            model.to(self.device, memory_format=torch.channels_last)
+        return train(
+            model,
+            step,
+            batches,
+            len(loader),
+            _optim(spec),
+            device=self.device,
+            seed=self.seed,
+            desc=e.name,
+            checkpoint_dir=e.partial,
+            items_per_batch=lambda b: views * len(b[1]),
+            sync_bn=self.sync_bn,
+        )
 
     def old_model(self) -> Trained:
         """The old model φ_old, trained on the old data with the old loss."""
@@ -330,37 +344,19 @@ class Context:
 
         with isolated_rng(self._init_seed(spec.as_dict())):
             model = SimCLRModel(self._build_model(spec, num_classes=1), spec.embedding_dim)
-        # SimCLR never uses the encoder's classifier; frozen, DDP does not wait for its
-        # gradient (one process is unaffected: a parameter without gradient never moves).
+        # SimCLR never uses the encoder's classifier: frozen, neither the optimizer nor DDP
+        # handle it (it never moved anyway: a parameter without gradient is skipped).
         model.encoder.classifier.requires_grad_(False)
         temperature = float(dict(spec.loss_args).get("temperature", 0.1))
         entry = self._entry("models", self._model_name(spec), self._model_key(spec))
 
         def fit(e: Entry) -> TrainResult:
-            loader = self.loader(spec, "simclr")
-
-            def batches(epoch: int):
-                loader.set_epoch(epoch)
-                return loader
-
             def step(batch, net: nn.Module) -> torch.Tensor:
                 (x1, x2), _ = batch  # labels are never used
                 z = net(torch.cat([x1, x2]))
                 return nt_xent(z[: len(x1)], z[len(x1) :], temperature)
 
-            return train(
-                model,
-                step,
-                batches,
-                len(loader),
-                _optim(spec),
-                device=self.device,
-                seed=self.seed,
-                desc=e.name,
-                checkpoint_dir=e.partial,
-                items_per_batch=lambda b: 2 * len(b[1]),
-                sync_bn=self.sync_bn,
-            )
+            return self._fit_on_images(model, spec, "simclr", e, step, views=2)
 
         return self._load_or_train(entry, model, fit, spec)
 

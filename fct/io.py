@@ -66,6 +66,43 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, prefix: str, where: str, fix: str, disk_full: str) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success rename it over ``final`` atomically.
+
+    Every file in it is fsynced first, a folder already at ``final`` (a damaged or stale
+    copy) is replaced, and the parent is fsynced after the rename, so a reader sees either
+    the old state or the complete new folder, never part of one. On any error the temp folder
+    is removed. Errors a user can fix are FCTErrors: a folder that cannot be created reads
+    "cannot write ``where`` (reason); ``fix``", a full disk ``disk_full``.
+    """
+    import shutil
+
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    except OSError as e:
+        raise FCTError(f"cannot write {where} ({e.strerror or e}); {fix}") from e
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in DISK_FULL:
+            raise FCTError(disk_full) from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks (cache manifests, checkpoints)."""
     h = hashlib.sha256()

@@ -207,30 +207,24 @@ def distance_blocks(
     device: str = "cpu",
     block_rows: int = 1024,
     *,
-    reuse: bool | BufferPool = False,
+    pool: BufferPool | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_query_row, squared L2 distances [b, N] as CPU float32)`` blocks.
 
-    With ``reuse`` the blocks are views of one buffer that the next block overwrites (the
-    caller must be done with a block before asking for the next), or, given a
-    ``BufferPool``, of the pool's buffers (the caller hands each block back with
-    ``pool.give`` when done), where the backend lets its output go to a given array: a fresh
-    block of this size is new pages that the kernel faults in and zeroes, one by one.
+    With a ``pool`` (rows at least ``block_rows``), blocks go into the pool's reused buffers
+    wherever the backend lets its output go to a given array, and the caller hands each block
+    back with ``pool.give`` when done: a fresh block of this size is new pages that the
+    kernel faults in and zeroes, one by one.
     """
     if backend not in BACKENDS:
         raise FCTError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     rows = max(1, min(block_rows, len(query)))
-    buf: list[torch.Tensor] = []
 
     def target(b: int) -> torch.Tensor:
         """Where the next block's [b, N] distances go."""
-        if isinstance(reuse, BufferPool):
-            return reuse.take(b)
-        if not reuse:
-            return torch.empty((b, len(gallery)), dtype=torch.float32)
-        if not buf:
-            buf.append(torch.empty((rows, len(gallery)), dtype=torch.float32))
-        return buf[0][:b]
+        if pool is not None:
+            return pool.take(b)
+        return torch.empty((b, len(gallery)), dtype=torch.float32)
 
     if backend == "torch":
         dev = torch.device(device)
@@ -382,7 +376,7 @@ def evaluate(
     pool = BufferPool(workers + 3, block_rows, len(g_unique))
     feed = _prefetched(
         distance_blocks(
-            q, g_unique, backend=backend, device=device, block_rows=block_rows, reuse=pool
+            q, g_unique, backend=backend, device=device, block_rows=block_rows, pool=pool
         ),
         pool,
     )

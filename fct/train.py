@@ -19,10 +19,8 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,7 +32,7 @@ from torch import nn
 
 from fct import distributed
 from fct.errors import FCTError
-from fct.io import DISK_FULL, fsync_dir, sha256_file, write_safetensors
+from fct.io import atomic_dir, sha256_file, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +142,16 @@ def save_checkpoint(
     ``state.json`` holds the sha256 of both tensor files and is written last, so a checkpoint
     is used only when complete and unaltered (``load_checkpoint`` checks the sums).
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=folder))
-    except OSError as e:
-        raise FCTError(
-            f"cannot write checkpoints to {folder} ({e.strerror or e}); free disk space or "
-            "set FCT_CACHE (or --cache) to a writable folder"
-        ) from e
     final = folder / f"epoch-{epoch:04d}"
-    try:
+    # A folder already at `final` is a damaged checkpoint of this epoch that load_checkpoint
+    # skipped; ours replaces it (the caller holds the artifact's lock: no one else writes here).
+    with atomic_dir(
+        final,
+        prefix=".ckpt.",
+        where=f"checkpoints to {folder}",
+        fix="free disk space or set FCT_CACHE (or --cache) to a writable folder",
+        disk_full=f"no space left on device while checkpointing to {folder}; free disk space and rerun: training resumes from the last complete epoch",
+    ) as tmp:
         write_safetensors(
             {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             tmp / "model.safetensors",
@@ -164,24 +162,6 @@ def save_checkpoint(
         (tmp / "state.json").write_text(
             json.dumps({"epoch": epoch, "optim": opt_extra, "sha256": sums, **info}, default=float)
         )
-        with open(tmp / "state.json", "rb") as fh:
-            os.fsync(fh.fileno())
-        if final.exists():
-            # A damaged checkpoint of this epoch that load_checkpoint skipped; ours replaces it
-            # (the caller holds the artifact's lock, so no one else writes here).
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in DISK_FULL:
-            raise FCTError(
-                f"no space left on device while checkpointing to {folder}; free disk space and rerun: training resumes from the last complete epoch"
-            ) from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in folder.glob("epoch-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

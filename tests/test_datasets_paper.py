@@ -322,3 +322,30 @@ def test_missing_data_message(tmp_path, monkeypatch, name, layout, with_env):
     assert layout in message and "--data-root" in message
     assert "cannot be downloaded" in message
     assert ("is not set" in message) != with_env
+
+
+@pytest.mark.parametrize(
+    "name, cls, label",
+    [("cifar100", "CIFAR100", "CIFAR-100"), ("fashion_mnist", "FashionMNIST", "Fashion-MNIST")],
+)
+def test_failed_download_is_one_line(tmp_path, monkeypatch, name, cls, label):
+    """--download through torchvision that fails (here: a stand-in that raises, no network)
+    is one FCTError naming the folder, with the layout hint."""
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        assert download and train
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, cls, offline)
+    monkeypatch.delenv("FCT_DATA", raising=False)
+    monkeypatch.setattr("fct.data.base.DOWNLOAD_DIR", tmp_path / "dl")
+    # This machine has Debian's Fashion-MNIST: hide it so the loader has to download.
+    monkeypatch.setattr("fct.data.fashion_mnist.DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FCTError) as err:
+        load_dataset(name, "train", empty, download=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"downloading {label} into {empty} failed (Network is unreachable)")

@@ -276,10 +276,13 @@ def test_distance_blocks_are_exact_with_and_without_buffer_reuse(monkeypatch, ba
     gemms = [False] + ([True] if onednn_linear_available() and backend == "torch" else [])
     for onednn in gemms:  # MKL's GEMM (addmm) and oneDNN's, whatever the CPU's vendor
         monkeypatch.setattr(retrieval, "_use_onednn_gemm", lambda onednn=onednn: onednn)
-        for reuse in (False, True):
-            blocks = retrieval.distance_blocks(x, x, backend, block_rows=32, reuse=reuse)
-            got = torch.cat([d.clone() for _, d in blocks]).numpy()
-            assert (got == ref).all()
+        for pool in (None, retrieval.BufferPool(2, 32, len(x))):
+            got = []
+            for _, d in retrieval.distance_blocks(x, x, backend, block_rows=32, pool=pool):
+                got.append(d.clone())
+                if pool is not None:
+                    pool.give(d)  # two buffers for four blocks: each is reused
+            assert (torch.cat(got).numpy() == ref).all()
 
 
 @pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")

@@ -34,6 +34,21 @@ def setup(init_seed: int = 0):
     return model, batches, step, len(loader)
 
 
+def fit(model, step, batches, n, desc, checkpoint_dir=None):
+    """``train`` with this file's settings: CFG, on the CPU, seed 0."""
+    return train(
+        model,
+        step,
+        batches,
+        n,
+        CFG,
+        device=torch.device("cpu"),
+        seed=0,
+        desc=desc,
+        checkpoint_dir=checkpoint_dir,
+    )
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
@@ -43,15 +58,15 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 def test_same_seed_gives_identical_weights(tmp_path):
     a, b = setup(), setup()
-    train(a[0], a[2], a[1], a[3], CFG, device=torch.device("cpu"), seed=0, desc="a")
-    train(b[0], b[2], b[1], b[3], CFG, device=torch.device("cpu"), seed=0, desc="b")
+    fit(a[0], a[2], a[1], a[3], "a")
+    fit(b[0], b[2], b[1], b[3], "b")
     for (k, x), (_, y) in zip(a[0].state_dict().items(), b[0].state_dict().items()):
         assert torch.equal(x, y), k
 
 
 def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tmp_path):
     ref_model, batches, step, n = setup()
-    train(ref_model, step, batches, n, CFG, device=torch.device("cpu"), seed=0, desc="ref")
+    fit(ref_model, step, batches, n, "ref")
 
     model, batches, step, n = setup()
     calls = {"n": 0}
@@ -63,31 +78,11 @@ def test_resume_after_interrupted_epoch_equals_uninterrupted_run(tmp_path):
         return step(batch, net)
 
     with pytest.raises(KeyboardInterrupt):
-        train(
-            model,
-            crashing_step,
-            batches,
-            n,
-            CFG,
-            device=torch.device("cpu"),
-            seed=0,
-            desc="x",
-            checkpoint_dir=tmp_path,
-        )
+        fit(model, crashing_step, batches, n, "x", tmp_path)
     assert [p.name for p in tmp_path.glob("epoch-*")] == ["epoch-0001"]
 
     fresh, batches, step, n = setup(init_seed=123)  # different init: the checkpoint must win
-    result = train(
-        fresh,
-        step,
-        batches,
-        n,
-        CFG,
-        device=torch.device("cpu"),
-        seed=0,
-        desc="x",
-        checkpoint_dir=tmp_path,
-    )
+    result = fit(fresh, step, batches, n, "x", tmp_path)
     assert result.resumed_from == 1
     for (k, x), (_, y) in zip(ref_model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(x, y), k
@@ -98,7 +93,7 @@ def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
     intact one (as after a crash between writing epoch 2 and deleting epoch 1) and still ends
     with the weights of an uninterrupted run; the damaged epoch is rewritten."""
     ref_model, batches, step, n = setup()
-    train(ref_model, step, batches, n, CFG, device=torch.device("cpu"), seed=0, desc="ref")
+    fit(ref_model, step, batches, n, "ref")
 
     ckpt, kept = tmp_path / "ckpt", tmp_path / "kept"
     model, batches, step, n = setup()
@@ -113,17 +108,7 @@ def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
         return step(batch, net)
 
     with pytest.raises(KeyboardInterrupt):
-        train(
-            model,
-            crashing_step,
-            batches,
-            n,
-            CFG,
-            device=torch.device("cpu"),
-            seed=0,
-            desc="x",
-            checkpoint_dir=ckpt,
-        )
+        fit(model, crashing_step, batches, n, "x", ckpt)
     shutil.copytree(kept, ckpt / "epoch-0001")
     weights = ckpt / "epoch-0002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -132,17 +117,7 @@ def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
 
     caplog.set_level("WARNING")
     fresh, batches, step, n = setup(init_seed=123)
-    result = train(
-        fresh,
-        step,
-        batches,
-        n,
-        CFG,
-        device=torch.device("cpu"),
-        seed=0,
-        desc="x",
-        checkpoint_dir=ckpt,
-    )
+    result = fit(fresh, step, batches, n, "x", ckpt)
     assert result.resumed_from == 1
     assert (
         "epoch-0002 is damaged or unreadable (model.safetensors checksum mismatch)" in caplog.text
@@ -164,17 +139,7 @@ def test_nan_loss_stops_with_the_learning_rate_named(tmp_path):
     with pytest.raises(
         FCTError, match=r"loss became nan at epoch 2.*checkpoint of epoch 1 is kept.*lr = 0.05"
     ):
-        train(
-            model,
-            nan_step,
-            batches,
-            n,
-            CFG,
-            device=torch.device("cpu"),
-            seed=0,
-            desc="m",
-            checkpoint_dir=tmp_path,
-        )
+        fit(model, nan_step, batches, n, "m", tmp_path)
     assert (tmp_path / "epoch-0001" / "state.json").exists()
 
 

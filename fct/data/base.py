@@ -6,6 +6,7 @@ import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -231,3 +232,19 @@ def search_bases(root: str | os.PathLike[str] | None) -> list[Path]:
 def download_dir(root: str | os.PathLike[str] | None) -> Path:
     """Where ``download=True`` stores data: ``root`` if given, else ``~/.cache/fct/data``."""
     return Path(root).expanduser() if root else DOWNLOAD_DIR.expanduser()
+
+
+def torchvision_download(
+    dataset: Callable[..., Any], label: str, root: str | os.PathLike[str] | None, hint: str
+) -> Path:
+    """Download a dataset through its torchvision class (train split; torchvision fetches the
+    archive holding both splits) into ``download_dir(root)``; return that folder.
+
+    Any failure (network, disk, a bad archive) is one FCTError naming the folder and ``hint``.
+    """
+    target = download_dir(root)
+    try:
+        dataset(str(target), train=True, download=True)
+    except Exception as e:  # network and disk errors come in many types
+        raise FCTError(f"downloading {label} into {target} failed ({e}); {hint}") from e
+    return target

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fct.data.base import DATASETS, ImageSource, check_split, download_dir, search_bases
+from fct.data.base import (
+    DATASETS,
+    ImageSource,
+    check_split,
+    search_bases,
+    torchvision_download,
+)
 from fct.errors import FCTError
 
 FOLDER = "cifar-100-python"
@@ -89,12 +95,7 @@ def _download(root: str | os.PathLike[str] | None) -> Path:
     """Download through torchvision, which unpacks into DIR/cifar-100-python."""
     from torchvision.datasets import CIFAR100
 
-    target = download_dir(root)
-    try:
-        CIFAR100(str(target), train=True, download=True)
-    except Exception as e:  # network and disk errors come in many types
-        raise FCTError(f"downloading CIFAR-100 into {target} failed ({e}); {LAYOUT}") from e
-    return target / FOLDER
+    return torchvision_download(CIFAR100, "CIFAR-100", root, LAYOUT) / FOLDER
 
 
 def _class_names(folder: Path) -> tuple[str, ...] | None:

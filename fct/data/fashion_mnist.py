@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fct.data.base import DATASETS, ImageSource, check_split, download_dir, search_bases
+from fct.data.base import (
+    DATASETS,
+    ImageSource,
+    check_split,
+    search_bases,
+    torchvision_download,
+)
 from fct.errors import FCTError
 
 # The Debian/Ubuntu package dataset-fashion-mnist installs the four .gz files here.
@@ -83,12 +89,11 @@ def _download(root: str | os.PathLike[str] | None) -> Path:
     """Download through torchvision; its files land in DIR/FashionMNIST/raw."""
     from torchvision.datasets import FashionMNIST
 
-    target = download_dir(root)
-    try:
-        FashionMNIST(str(target), train=True, download=True)
-    except Exception as e:  # network and disk errors come in many types
-        raise FCTError(f"downloading Fashion-MNIST into {target} failed ({e}); {HOW_TO_GET}") from e
-    return target / "FashionMNIST" / "raw"
+    return (
+        torchvision_download(FashionMNIST, "Fashion-MNIST", root, HOW_TO_GET)
+        / "FashionMNIST"
+        / "raw"
+    )
 
 
 def _read_bytes(path: Path) -> bytes:
