@@ -86,7 +86,7 @@ def setup(device_name: str) -> torch.device:
     ``device_name`` is ``auto``, ``cpu`` or ``cuda[:N]``. Under torchrun a CUDA run uses
     GPU ``LOCAL_RANK`` with NCCL, a CPU run gloo. Idempotent (``--seeds`` calls it per seed).
     """
-    from fct.runner import resolve_device
+    from fct.device import resolve_device
 
     device = resolve_device(device_name)
     if not launched():

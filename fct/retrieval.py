@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,24 +79,168 @@ def check_features(features: np.ndarray, labels: np.ndarray, name: str) -> None:
         )
 
 
-def load_npz(path: str | os.PathLike[str]) -> FeatureSet:
-    """Read an npz holding ``features`` [N, D] and ``labels`` [N]."""
-    path = Path(path)
-    if not path.is_file():
-        raise FCTError(f"{path}: no such file; pass an .npz with arrays 'features' and 'labels'")
+#: The most bytes the arrays of one npz may expand to: 64 GiB, e.g. 16M x 1024 float32 features.
+NPZ_MAX_BYTES = 64 << 30
+#: How many times its own size an npz may expand to, once over NPZ_FREE_BYTES. Embeddings
+#: compress by a few percent (float32 noise), labels a lot, but a bomb by ~1000x: a 195 KB
+#: file of zeros that would expand to 200 MB.
+NPZ_MAX_RATIO = 100
+#: Any npz may expand to this much, whatever its ratio (small sets, constant labels).
+NPZ_FREE_BYTES = 64 << 20
+#: Largest .npy header read (numpy's own default for untrusted files).
+_NPY_MAX_HEADER = 10_000
+_SAVE = "save with np.savez(path, features=..., labels=...)"
+
+
+def _open_regular(path: Path):
+    """``path`` opened for reading, only if it is a regular file (symlinks are followed).
+
+    Opened without blocking, so a FIFO given as --query is refused at once instead of waiting
+    forever for a writer.
+    """
+    import stat
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in ("features", "labels") if k not in data.files]
-            if missing:
-                raise FCTError(
-                    f"{path}: missing key {missing[0]!r} (has {sorted(data.files)}); "
-                    "save with np.savez(path, features=..., labels=...)"
-                )
-            features, labels = data["features"], data["labels"]
-    except FCTError:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError as e:
+        raise FCTError(
+            f"{path}: no such file; pass an .npz with arrays 'features' and 'labels'"
+        ) from e
+    except OSError as e:
+        raise FCTError(f"{path}: cannot be opened ({e.strerror or e}); pass a readable .npz") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FCTError(
+                f"{path}: not a regular file (a folder, FIFO or device); pass an .npz file"
+            )
+        # Regular files ignore O_NONBLOCK, so the handle reads as usual from here.
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
         raise
-    except (ValueError, OSError, EOFError) as e:
-        raise FCTError(f"{path}: not a readable npz file ({e}); save with np.savez") from e
+
+
+def _npz_member(zf, names: dict[str, object], key: str, path: Path):
+    """The zip entry of array ``key`` (``key.npy`` as np.savez names it, or bare ``key``)."""
+    info = names.get(f"{key}.npy") or names.get(key)
+    if info is None:
+        has = sorted(n.removesuffix(".npy") for n in names)
+        raise FCTError(f"{path}: missing key {key!r} (has {has}); {_SAVE}")
+    return info
+
+
+def _read_npy(zf, info, key: str, path: Path) -> np.ndarray:
+    """Array ``key`` from its zip entry, checked before anything is allocated.
+
+    The .npy header must declare a plain numeric dtype (object arrays would need pickle) and a
+    shape whose byte size is exactly what the entry holds, so the one allocation made is the
+    size the zip directory declared (already bounded by load_npz) and never more.
+    """
+    import zipfile
+    import zlib
+
+    from numpy.lib import format as npy
+
+    with zf.open(info) as fh:
+        try:
+            version = npy.read_magic(fh)
+            read_header = {
+                (1, 0): npy.read_array_header_1_0,
+                (2, 0): npy.read_array_header_2_0,
+            }.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy format version {version}")
+            shape, fortran, dtype = read_header(fh, _NPY_MAX_HEADER)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            raise
+        except Exception as e:
+            # numpy parses the header text with ast and, for old files, tokenize: a damaged
+            # header raises SyntaxError, tokenize.TokenError, TypeError and more besides.
+            raise ValueError(f"{key} has a damaged .npy header ({type(e).__name__})") from e
+        if dtype.hasobject:
+            raise FCTError(
+                f"{path}: {key} is an object array, which is never loaded (it would run "
+                "pickle); save a numeric array"
+            )
+        if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+            raise FCTError(
+                f"{path}: {key} has dtype {dtype}, not a plain number; save features as "
+                "float32 and labels as int64"
+            )
+        if any(d < 0 for d in shape):
+            raise ValueError(f"negative dimension in shape {shape}")
+        need = math.prod(shape) * dtype.itemsize
+        held = info.file_size - fh.tell()
+        if need != held:
+            raise FCTError(
+                f"{path}: {key} declares shape {shape} ({need} bytes of {dtype}) but holds "
+                f"{held} bytes; the file is damaged, {_SAVE}"
+            )
+        try:
+            flat = np.empty(math.prod(shape), dtype)
+        except MemoryError as e:
+            raise FCTError(
+                f"{path}: {key} needs {need} bytes, more memory than is free; evaluate a "
+                "smaller set or on a machine with more memory"
+            ) from e
+        view, done = memoryview(flat.view(np.uint8)), 0
+        while done < need:
+            n = fh.readinto(view[done : done + (64 << 20)])
+            if not n:
+                raise ValueError(f"{key} ends after {done} of {need} bytes")
+            done += n
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def load_npz(path: str | os.PathLike[str]) -> FeatureSet:
+    """Read an npz holding ``features`` [N, D] and ``labels`` [N].
+
+    Built for files from anywhere: only a regular file is opened; the arrays' declared sizes
+    (zip directory and .npy headers) are checked against the file's size (at most NPZ_MAX_RATIO
+    times it beyond NPZ_FREE_BYTES, at most NPZ_MAX_BYTES) before anything is decompressed or
+    allocated; object arrays and non-numeric dtypes are refused; features must have at least
+    one column. Every refusal is an FCTError naming the file.
+    """
+    import zipfile
+    import zlib
+
+    path = Path(path)
+    with _open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if fh.read(6) == b"\x93NUMPY":
+            raise FCTError(f"{path}: a single .npy array, not an npz of two; {_SAVE}")
+        fh.seek(0)
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                names = {info.filename: info for info in zf.infolist()}
+                members = [_npz_member(zf, names, key, path) for key in ("features", "labels")]
+                expands = sum(info.file_size for info in members)
+                limit = min(NPZ_MAX_BYTES, max(NPZ_FREE_BYTES, NPZ_MAX_RATIO * size))
+                if expands > limit:
+                    raise FCTError(
+                        f"{path}: its arrays would expand to {expands} bytes from a {size}-byte "
+                        f"file, over the {limit}-byte limit (a zip bomb, or a set too large for "
+                        f"one file); {_SAVE}"
+                    )
+                features = _read_npy(zf, members[0], "features", path)
+                labels = _read_npy(zf, members[1], "labels", path)
+        except FCTError:
+            raise
+        except (
+            ValueError,
+            OSError,
+            EOFError,
+            zipfile.BadZipFile,
+            zlib.error,
+            NotImplementedError,  # a compression method zipfile lacks
+            RuntimeError,  # an encrypted entry
+        ) as e:
+            raise FCTError(f"{path}: not a readable npz file ({e}); save with np.savez") from e
+    if features.ndim == 2 and len(features) and features.shape[1] == 0:
+        raise FCTError(
+            f"{path}: features have shape {features.shape}, no value per item; save the "
+            "embeddings [N, D] with D > 0"
+        )
     return FeatureSet(
         np.ascontiguousarray(features, dtype=np.float32)
         if np.issubdtype(features.dtype, np.floating)

@@ -91,16 +91,10 @@ def get_sizes(sizes: str | Sizes) -> Sizes:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``cpu`` or ``cuda[:N]`` as a torch.device; CUDA must be available."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise FCTError(f"unknown device {device!r}; use cpu or cuda[:N]") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FCTError("CUDA is not available in this torch build or machine; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise FCTError(f"device {device!r} is not supported here; use cpu or cuda[:N]")
-    return dev
+    """fct.device.resolve_device: ``cpu``, ``cuda[:N]`` or ``auto``; CUDA must be available."""
+    from fct.device import resolve_device as resolve
+
+    return resolve(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

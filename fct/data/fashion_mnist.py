@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ from fct.data.base import (
     DATASETS,
     ImageSource,
     check_split,
+    read_data_file,
     search_bases,
     torchvision_download,
 )
@@ -31,6 +33,8 @@ CLASS_NAMES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 MEAN, STD = (0.2860,), (0.3530,)
+#: The largest IDX file, train images, is 47 MB (60,000 x 28 x 28 bytes and a header).
+MAX_IDX_BYTES = 64 << 20
 HOW_TO_GET = (
     "get it with `apt-get install dataset-fashion-mnist`, or pass --data-root DIR with the "
     "IDX files, or --download"
@@ -97,14 +101,26 @@ def _download(root: str | os.PathLike[str] | None) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it ends in .gz; unreadable files raise FCTError."""
+    """The file's bytes, gunzipped when it ends in .gz; unreadable files raise FCTError.
+
+    Bounded both ways by MAX_IDX_BYTES: a regular file only, and at most that much once
+    gunzipped, so a small .gz that would expand to gigabytes is refused after reading that much.
+    """
+    fix = "delete it and get it again"
+    raw = read_data_file(path, MAX_IDX_BYTES, fix)
+    if path.suffix != ".gz":
+        return raw
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as fh:
+            data = fh.read(MAX_IDX_BYTES + 1)
     except (OSError, EOFError, zlib.error) as e:
-        raise FCTError(f"{path} is corrupt or unreadable ({e}); delete it and get it again") from e
+        raise FCTError(f"{path} is corrupt or unreadable ({e}); {fix}") from e
+    if len(data) > MAX_IDX_BYTES:
+        raise FCTError(
+            f"{path} expands to more than {MAX_IDX_BYTES} bytes, more than any IDX file of this "
+            f"dataset; {fix}"
+        )
+    return data
 
 
 def read_idx(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
