@@ -132,6 +132,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], extra: dict) -> dict:
 
 
 CKPT_FILES = ("model.safetensors", "optim.safetensors")
+#: Largest ``state.json`` read back: ours hold a few optimizer scalars (a few KB).
+STATE_LIMIT = 16 << 20
 
 
 def save_checkpoint(
@@ -167,18 +169,56 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_checkpoint(ckpt: Path) -> dict:
-    """The checkpoint's state.json, after checking both tensor files against its sha256 sums.
+def _check_checkpoint(ckpt: Path, max_epoch: int | None = None) -> dict:
+    """The checkpoint's state.json, after checking its shape and both tensor files' sha256.
 
-    Raises ValueError for a checkpoint that is incomplete, altered or from an older format
-    (no sums), so nothing unverified is ever handed to the loader.
+    Raises ValueError for a checkpoint that is incomplete, altered, of the wrong shape (a
+    ``state.json`` of ``[]``, an epoch that is not this folder's or beyond ``max_epoch``) or
+    from an older format (no sums), so nothing unverified is ever handed to the loader. Files
+    are read only when they are regular files (no symlink is followed, no FIFO blocks), and
+    ``state.json`` is read bounded.
     """
-    state = json.loads((ckpt / "state.json").read_text())
+    from fct.artifacts import sha256_regular
+    from fct.io import read_json
+
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        raise ValueError("not a folder")
+    try:
+        state = read_json(ckpt / "state.json", max_bytes=STATE_LIMIT)
+    except FCTError as e:
+        # Its message ends in advice to the user ("; delete it and rerun"); here the
+        # checkpoint is simply skipped, so only the finding is kept.
+        raise ValueError(str(e).split("; ")[0]) from e
+    if not isinstance(state, dict):
+        raise ValueError("state.json is not a JSON object")
+    epoch = state.get("epoch")
+    # bool is an int subclass: true is not epoch 1.
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise ValueError(f"state.json has no valid epoch ({epoch!r})")
+    if ckpt.name != f"epoch-{epoch:04d}":
+        raise ValueError(f"state.json says epoch {epoch}, the folder is {ckpt.name}")
+    if max_epoch is not None and epoch > max_epoch:
+        raise ValueError(f"epoch {epoch} is beyond the {max_epoch} epochs of this training")
+    optim = state.get("optim")
+    if not (
+        isinstance(optim, dict)
+        and isinstance(optim.get("scalars"), dict)
+        and all(isinstance(v, dict) for v in optim["scalars"].values())
+        and isinstance(optim.get("param_groups"), list)
+        and all(isinstance(g, dict) for g in optim["param_groups"])
+    ):
+        raise ValueError("state.json has no valid optimizer state")
     sums = state.get("sha256")
     if not isinstance(sums, dict):
         raise ValueError("no checksums in state.json")
     for f in CKPT_FILES:
-        if sha256_file(ckpt / f) != sums.get(f):
+        if not isinstance(sums.get(f), str):
+            raise ValueError(f"no checksum of {f} in state.json")
+        try:
+            digest, _ = sha256_regular(ckpt / f)
+        except OSError as e:
+            raise ValueError(f"{f} unreadable ({e.strerror or e})") from e
+        if digest != sums[f]:
             raise ValueError(f"{f} checksum mismatch")
     return state
 
@@ -193,11 +233,18 @@ def clean_stale_temps(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    max_epoch: int | None = None,
+) -> int:
     """Restore the newest complete, verified checkpoint in ``folder``; return its epoch (0: none).
 
-    A checkpoint that is damaged (checksum mismatch, truncated, unreadable) is skipped with a
-    one-line warning, and the next older one is tried; with none left training starts over.
+    A checkpoint that is damaged (checksum mismatch, truncated, unreadable, a ``state.json`` of
+    the wrong shape, an epoch beyond ``max_epoch``) is skipped with a one-line warning, and the
+    next older one is tried; with none left training starts over. Something that is not a
+    folder where a checkpoint should be is removed, so the next checkpoint can take its place.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -211,26 +258,47 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     opt_start = copy.deepcopy(opt.state_dict())
     for ckpt in sorted(folder.glob("epoch-*"), reverse=True):
         try:
-            state = _check_checkpoint(ckpt)
+            state = _check_checkpoint(ckpt, max_epoch)
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             opt.load_state_dict(
                 _unflatten_optimizer(load_file(str(ckpt / "optim.safetensors")), state["optim"])
             )
-            return int(state["epoch"])
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+            return state["epoch"]
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            RuntimeError,
+            SafetensorError,
+        ) as e:
+            # TypeError and friends: a state.json whose sums match but whose optimizer state
+            # torch cannot take (crafted, or from another optimizer): damage like any other.
             log.warning("checkpoint %s is damaged or unreadable (%s); ignoring it", ckpt, e)
             model.load_state_dict(model_start)
             opt.load_state_dict(opt_start)
+            if ckpt.is_symlink() or not ckpt.is_dir():
+                # save_checkpoint replaces a folder at its target but cannot replace a file or
+                # a symlink there; it holds no checkpoint of ours either way.
+                with contextlib.suppress(OSError):
+                    ckpt.unlink()
     return 0
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
 
-def _resume(checkpoint_dir: Path | None, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+def _resume(
+    checkpoint_dir: Path | None,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    max_epoch: int | None = None,
+) -> int:
     """Load the last checkpoint (rank 0) and hand weights and optimizer state to every rank."""
     start = (
-        load_checkpoint(checkpoint_dir, model, opt)
+        load_checkpoint(checkpoint_dir, model, opt, max_epoch)
         if checkpoint_dir and distributed.is_main()
         else 0
     )
@@ -302,7 +370,7 @@ def train(
     opt = make_optimizer(params if params is not None else model.parameters(), cfg)
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    start = _resume(checkpoint_dir, model, opt)
+    start = _resume(checkpoint_dir, model, opt, cfg.epochs)
     net = _wrap(model, device, sync_bn)
     if start:
         log.info(
