@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fct.io import write_text
 from fct.report.metric_table import DASH, METRICS, auc_metric, csv_value
-from fct.report.render import Table, to_markdown
+from fct.report.render import Table, csv_cell, md_escape, md_line, to_markdown
 from fct.report.summary import Cell, Summary
 
 #: Per-scenario leaderboard columns, by metric-table key.
@@ -103,7 +103,8 @@ def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
         header += [f"{s}/compatible"] + ([f"{s}/seeds"] if multi else [])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    # Every cell, header included (it holds scenario names), is neutralised against formulas.
+    writer.writerow([csv_cell(h) for h in header])
     for row in rows:
         line = [
             "" if row.rank is None else str(row.rank),
@@ -121,7 +122,7 @@ def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
             line.append(_mark(cell, "yes", "no"))
             if multi:
                 line.append(str(len(cell.records)) if cell else "")
-        writer.writerow(line)
+        writer.writerow([csv_cell(c) for c in line])
     return buf.getvalue()
 
 
@@ -184,8 +185,8 @@ def reference_table(summary: Summary) -> Table:
 def leaderboard_markdown(summary: Summary, rows: list[Row] | None = None) -> str:
     """leaderboard.md: header line, the leaderboard with its criterion, the reference table."""
     return (
-        f"# Leaderboard: {summary.suite}\n\n"
-        f"{summary.header()}\n\n"
+        f"# Leaderboard: {md_escape(summary.suite)}\n\n"
+        f"{md_line(summary.header())}\n\n"
         f"{to_markdown(leaderboard_table(summary, rows))}\n"
         "## Reference numbers (old/old, new/new)\n\n"
         f"{to_markdown(reference_table(summary))}"

@@ -10,6 +10,7 @@ user's matplotlibrc says, and no dates or software versions in the file metadata
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ DPI = 110
 PNG_METADATA = {"Software": None}
 PDF_METADATA = {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None}
 MARKERS = "osD^vP*Xph<>"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 #: Number of points of a backfilling curve: 0 %, 20 intermediate steps, 100 %.
 CURVE_POINTS = 22
 
@@ -35,6 +37,22 @@ def _style() -> Iterator[None]:
     # The default style, not the user's rc: the same records give the same image everywhere.
     with matplotlib.style.context("default"):
         yield
+
+
+def plain(text: str, limit: int = 60) -> str:
+    """``text`` for a matplotlib label, drawn as the characters it is, at most ``limit`` long.
+
+    Labels, scenario and suite names come from run records: a ``$`` pair would be parsed as
+    mathtext (``$\\frac{$`` raises deep inside savefig), so every ``$`` is escaped, which
+    matplotlib draws as a plain dollar. A legend skips labels starting with ``_``, so one gets
+    a leading space. Control characters (a newline in a tick label) become spaces, and a long
+    name is cut with "…" (it would squeeze the axes to nothing).
+    """
+    text = _CONTROL.sub(" ", str(text))
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def _figure(figsize: tuple[float, float] = FIGSIZE) -> Any:
@@ -102,7 +120,7 @@ def bar_chart(summary: Summary, scenario: str, stem: Path) -> list[Path]:
                 yerr=stds if any(stds) else None,
                 capsize=3,
                 color=color,
-                label=METRICS[key].description,
+                label=plain(METRICS[key].description),
             )
         refs = (("old/old", "--"), ("new/new", ":"))
         for case, style in refs:
@@ -118,12 +136,12 @@ def bar_chart(summary: Summary, scenario: str, stem: Path) -> list[Path]:
                     color=color,
                     linestyle=style,
                     linewidth=1.2,
-                    label=f"{case} {METRICS[f'{prefix}_{key}'].label}",
+                    label=plain(f"{case} {METRICS[f'{prefix}_{key}'].label}"),
                 )
-        ax.set_xticks(x, [c.label for c in cells], rotation=15 if len(cells) > 4 else 0)
+        ax.set_xticks(x, [plain(c.label, 30) for c in cells], rotation=15 if len(cells) > 4 else 0)
         ax.set_ylabel("retrieval accuracy (%, higher is better)")
         _limits(ax, METRICS["cross_mAP"], values)
-        ax.set_title(f"{summary.suite} / {scenario}: cross case per method")
+        ax.set_title(f"{plain(summary.suite, 30)} / {plain(scenario)}: cross case per method")
         ax.grid(axis="y", alpha=0.3)
         fig.legend(loc="outside right upper", fontsize="small")
         return save(fig, stem)
@@ -219,9 +237,16 @@ def cost_scatter(summary: Summary, stem: Path) -> list[Path]:
         ys = [y for _, _, y in points] + [y for _, _, y in backfill]
         _limits(ax, METRICS["cross_mAP"], ys)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{summary.suite}: accuracy vs update cost")
+        ax.set_title(f"{plain(summary.suite)}: accuracy vs update cost")
         handles = [
-            Line2D([], [], color=colors[m], marker="o", linestyle="", label=summary.labels[m])
+            Line2D(
+                [],
+                [],
+                color=colors[m],
+                marker="o",
+                linestyle="",
+                label=plain(summary.labels[m], 40),
+            )
             for m in summary.methods
         ]
         handles += [
@@ -232,7 +257,7 @@ def cost_scatter(summary: Summary, stem: Path) -> list[Path]:
                 marker=markers[s],
                 linestyle="",
                 markerfacecolor="none",
-                label=s,
+                label=plain(s, 40),
             )
             for s in summary.scenarios
         ]
@@ -295,7 +320,7 @@ def curve_plot(summary: Summary, scenario: str, stem: Path) -> list[Path]:
                     color=colors[m],
                     linestyle=styles[i % len(styles)],
                     marker=".",
-                    label=f"{cell.label}, {order}",
+                    label=f"{plain(cell.label, 40)}, {plain(order, 20)}",
                 )
                 ys += curve
         ax.set_xlabel("gallery backfilled (%)")
@@ -303,7 +328,7 @@ def curve_plot(summary: Summary, scenario: str, stem: Path) -> list[Path]:
         ax.set_xlim(0, 100)
         _limits(ax, METRICS["cross_mAP"], ys)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{summary.suite} / {scenario}: backfilling curves")
+        ax.set_title(f"{plain(summary.suite, 30)} / {plain(scenario)}: backfilling curves")
         fig.legend(loc="outside right upper", fontsize="small")
         return save(fig, stem)
 

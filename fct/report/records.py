@@ -29,29 +29,62 @@ SOURCE_KEY = "_path"
 
 
 def _hint(rec: dict[str, Any]) -> str:
-    suite = rec.get("suite") if isinstance(rec.get("suite"), str) else "SUITE"
+    suite = _short(rec["suite"]) if isinstance(rec.get("suite"), str) else "SUITE"
     return f"rerun `fct run {suite}` to rewrite it, or delete the file"
 
+
+#: Largest magnitude of a number in a record. Ours are percentages, seconds and throughputs,
+#: far below it; anything larger is not a measurement, and sums of it overflow a float.
+NUMBER_MAX = 1e15
+#: Longest suite, scenario, method name or label: they become file names and plot labels.
+NAME_MAX = 200
 
 _KINDS = {
     "int": "an integer",
     "str": "a string",
     "dict": "an object",
     "list": "a list",
-    "number": "a finite number",
-    "number|null": "a finite number or null",
+    "bool": "true or false",
+    "number": f"a finite number of magnitude at most {NUMBER_MAX:g}",
 }
+
+
+def _describe(kind: str) -> str:
+    """'an integer', 'an integer or null' for kind 'int', 'int|null'."""
+    base = _KINDS[kind.removesuffix("|null")]
+    return base + (" or null" if kind.endswith("|null") else "")
 
 
 def _is_kind(value: Any, kind: str) -> bool:
     if value is None:
-        return kind == "number|null"
+        return kind.endswith("|null")
+    kind = kind.removesuffix("|null")
+    if kind == "bool":
+        return isinstance(value, bool)
     if isinstance(value, bool):  # JSON true/false is not a number or a seed
         return False
-    if kind.startswith("number"):
+    if kind == "number":
+        if isinstance(value, int):  # exact: math.isfinite() of a 400-digit int overflows
+            return abs(value) <= NUMBER_MAX
         # NaN and inf can be read from JSON but are no metric value.
-        return isinstance(value, int | float) and math.isfinite(value)
+        return isinstance(value, float) and math.isfinite(value) and abs(value) <= NUMBER_MAX
     return isinstance(value, {"int": int, "str": str, "dict": dict, "list": list}[kind])
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A name from a record, cut for a one-line message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A short repr for a message: a record may hold a megabyte string or a 4,000-digit int."""
+    if isinstance(value, dict | list):
+        return f"{type(value).__name__} of {len(value)} item{'s' * (len(value) != 1)}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        # str() of an int over 4,300 digits raises; the bit length gives the size just as well.
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _require(rec: dict[str, Any], path: Path, dotted: str, kind: str) -> Any:
@@ -60,12 +93,30 @@ def _require(rec: dict[str, Any], path: Path, dotted: str, kind: str) -> Any:
     parts = dotted.split(".")
     # Case names contain a slash, never a dot, so splitting on dots is unambiguous.
     for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, dict):
+            # Say which key has the wrong type, not that the key below it is missing.
+            raise FCTError(
+                f"{path}: key '{'.'.join(parts[:i])}' must be an object, got {_shown(node)}; "
+                f"{_hint(rec)}"
+            )
+        if part not in node:
             raise FCTError(f"{path}: missing key '{'.'.join(parts[: i + 1])}'; {_hint(rec)}")
         node = node[part]
     if not _is_kind(node, kind):
-        raise FCTError(f"{path}: key '{dotted}' must be {_KINDS[kind]}, got {node!r}; {_hint(rec)}")
+        raise FCTError(
+            f"{path}: key '{dotted}' must be {_describe(kind)}, got {_shown(node)}; {_hint(rec)}"
+        )
     return node
+
+
+def _optional(rec: dict[str, Any], path: Path, dotted: str, kind: str) -> Any:
+    """Like _require for a key that may be absent (then None); its parents must be objects."""
+    node: Any = rec
+    for part in dotted.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or dotted.split(".")[-1] not in node:
+        return None
+    return _require(rec, path, dotted, kind if kind.endswith("|null") else kind + "|null")
 
 
 def parse_date(value: str, path: Path | str = "record") -> datetime:
@@ -74,7 +125,7 @@ def parse_date(value: str, path: Path | str = "record") -> datetime:
         date = datetime.fromisoformat(value)
     except ValueError as e:
         raise FCTError(
-            f"{path}: key 'provenance.date' is not an ISO-8601 date ({value!r}); "
+            f"{path}: key 'provenance.date' is not an ISO-8601 date ({_shown(value)}); "
             "rerun the scenario or fix the date"
         ) from e
     return date if date.tzinfo else date.replace(tzinfo=UTC)
@@ -94,18 +145,28 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
     schema = _require(rec, path, "schema", "int")
     if schema != SCHEMA:
         raise FCTError(
-            f"{path}: key 'schema' is {schema}, this fct reads schema {SCHEMA}; "
+            f"{path}: key 'schema' is {_shown(schema)}, this fct reads schema {SCHEMA}; "
             "rerun the suite with this fct version or use a matching fct"
         )
     for key in ("suite", "scenario", "method"):
-        if not _require(rec, path, key, "str"):
+        name = _require(rec, path, key, "str")
+        if not name.strip():
             raise FCTError(f"{path}: key '{key}' is empty; {_hint(rec)}")
-    _require(rec, path, "seed", "int")
+        if len(name) > NAME_MAX:
+            raise FCTError(
+                f"{path}: key '{key}' is {len(name)} characters, over {NAME_MAX}; {_hint(rec)}"
+            )
+    seed = _require(rec, path, "seed", "int")
+    if not 0 <= seed < 2**63:
+        raise FCTError(f"{path}: key 'seed' must be a non-negative 64-bit integer; {_hint(rec)}")
     _require(rec, path, "scenario_config", "dict")
     _require(rec, path, "method_config", "dict")
     for case in CASES:
         for metric in CASE_METRICS:
             _require(rec, path, f"cases.{case}.{metric}", "number")
+        skipped = _optional(rec, path, f"cases.{case}.n_skipped", "int")
+        if skipped is not None and skipped < 0:
+            raise FCTError(f"{path}: key 'cases.{case}.n_skipped' is negative; {_hint(rec)}")
     fraction = _require(rec, path, "costs.backfill_fraction", "number")
     if not 0 <= fraction <= 1:
         raise FCTError(
@@ -119,11 +180,52 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
         "speedup_vs_backfill",
     ):
         if key in rec["costs"]:
-            _require(rec, path, f"costs.{key}", "number|null")
+            value = _require(rec, path, f"costs.{key}", "number|null")
+            if value is not None and value < 0:
+                raise FCTError(f"{path}: key 'costs.{key}' is negative ({value}); {_hint(rec)}")
     parse_date(_require(rec, path, "provenance.date", "str"), path)
     _require(rec, path, "provenance.device", "str")
     _validate_curves(rec, path)
+    _validate_shown(rec, path)
+    _validate_artifacts(rec, path)
     return rec
+
+
+#: Optional keys the report shows, with the type it needs to show them.
+_SHOWN = (
+    ("method_config.label", "str"),
+    ("scenario_config.description", "str"),
+    ("scenario_config.kinds", "list"),
+    ("scenario_config.paper", "bool"),
+    ("scenario_config.old", "dict"),
+    ("scenario_config.new", "dict"),
+    ("scenario_config.side", "dict"),
+    ("scenario_config.eval", "dict"),
+    ("scenario_config.eval.dataset", "str"),
+)
+
+
+def _validate_shown(rec: dict[str, Any], path: Path) -> None:
+    """The optional keys the report reads for labels and descriptions: absent, null or typed."""
+    for dotted, kind in _SHOWN:
+        _optional(rec, path, dotted, kind)
+    label = rec["method_config"].get("label")
+    if isinstance(label, str) and len(label) > NAME_MAX:
+        raise FCTError(
+            f"{path}: key 'method_config.label' is {len(label)} characters, over {NAME_MAX}; "
+            f"{_hint(rec)}"
+        )
+
+
+def _validate_artifacts(rec: dict[str, Any], path: Path) -> None:
+    """Optional ``artifacts`` {"KIND/NAME": digest}: what the run was made from."""
+    artifacts = _optional(rec, path, "artifacts", "dict")
+    for name, digest in (artifacts or {}).items():
+        if not isinstance(digest, str) or not digest:
+            raise FCTError(
+                f"{path}: key 'artifacts.{_short(name)}' must be a digest string, got "
+                f"{_shown(digest)}; {_hint(rec)}"
+            )
 
 
 def _validate_curves(rec: dict[str, Any], path: Path) -> None:
@@ -133,6 +235,11 @@ def _validate_curves(rec: dict[str, Any], path: Path) -> None:
             continue
         _require(rec, path, key, "dict")
         for order, value in rec[key].items():
+            if not order or len(order) > NAME_MAX:  # an order names CSV columns and legends
+                raise FCTError(
+                    f"{path}: key '{key}' has an order name of {len(order)} characters "
+                    f"(1 to {NAME_MAX} allowed); {_hint(rec)}"
+                )
             ok = (
                 _is_kind(value, "number")
                 if key == "auc"
@@ -147,8 +254,10 @@ def _record_files(folder: Path) -> list[Path]:
     runs = folder / "runs"
     if not runs.is_dir():
         return []
-    # Skip hidden files: fct.io writes '.NAME.xxx.tmp' beside the target while writing.
-    return sorted(p for p in runs.rglob("*.json") if p.is_file() and not p.name.startswith("."))
+    # Skip hidden files: fct.io writes '.NAME.xxx.tmp' beside the target while writing. Keep
+    # everything else named *.json, folders and FIFOs included: read_json names what is not a
+    # regular file, where an is_file() filter would drop a record without a word.
+    return sorted(p for p in runs.rglob("*.json") if not p.name.startswith("."))
 
 
 def _identity(rec: dict[str, Any]) -> tuple[str, str, str, int]:
@@ -203,7 +312,35 @@ def load_records(
             log.warning(
                 "ignoring run records of other suites (%s) under %s", ", ".join(others), where
             )
+    check_same_artifacts(records)
     return records
+
+
+def check_same_artifacts(records: list[dict[str, Any]]) -> None:
+    """Refuse records of one (suite, scenario, seed) made from different versions of an artifact.
+
+    Every record lists the artifacts it used (``"models/NAME": digest``). Two records of the
+    same scenario and seed that name the same artifact with different digests were made from
+    different models (one was retrained with other settings since), so their numbers do not
+    compare: FCTError naming both files. One pass over the artifact lists, one dict lookup each.
+    """
+    seen: dict[tuple[str, str, int, str], tuple[str, dict[str, Any]]] = {}
+    for rec in records:
+        for name, digest in (rec.get("artifacts") or {}).items():
+            key = (rec["suite"], rec["scenario"], rec["seed"], name)
+            first = seen.setdefault(key, (digest, rec))
+            if first[0] != digest:
+                other, seed = first[1], rec["seed"]
+                rerun = f"fct run {rec['suite']} --scenarios {rec['scenario']}" + (
+                    f" --seeds {seed}" if seed else ""
+                )
+                raise FCTError(
+                    f"run records {other[SOURCE_KEY]} and {rec[SOURCE_KEY]} (scenario "
+                    f"{rec['scenario']}, seed {seed}) were made from different versions of "
+                    f"{_short(name)} ({_short(first[0], 20)} vs {_short(digest, 20)}), so they "
+                    f"cannot be ranked together; rerun them with `{rerun} --force`, or delete "
+                    "the stale record"
+                )
 
 
 def _newer(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -40,8 +40,41 @@ class Table:
 # Markdown
 
 
+# Labels, scenario names and descriptions come from run records, which anyone can edit: they
+# are shown as text, never as Markdown or HTML. Inline markup characters get a backslash
+# (CommonMark renders any escaped ASCII punctuation literally; "|" must be escaped inside a
+# table row anyway); "<" and "&" become entities, because some Markdown renderers pass raw
+# HTML through and do not honour "\\<", so no tag, comment or entity can be formed.
+# An "_" between two letters or digits (fashion_mnist) can neither open nor close emphasis in
+# CommonMark, so it is left as is; any other "_" is escaped.
+_MD_INLINE = re.compile(r"[\\`*\[\]|~$<&]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_MD_ENTITY = {"<": "&lt;", "&": "&amp;"}
+# Control characters (newlines included) would start a new block or break a table row.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+# What turns the start of a line into a block: a heading, quote, list item, thematic break,
+# setext underline or an ordered list ("12." / "3)").
+_MD_BLOCK_START = re.compile(r"^(\d*)([#>+\-=.)])")
+
+
+def md_escape(text: str) -> str:
+    """``text`` as literal inline Markdown: one line, no markup, no raw HTML.
+
+    ``<script>``, ``[x](javascript:...)``, backticks, ``|``, ``*``/``_`` emphasis, ``~~``,
+    ``$`` math and entities all render as the characters they are.
+    """
+    text = _CONTROL.sub(" ", str(text))
+    return _MD_INLINE.sub(lambda m: _MD_ENTITY.get(m.group(0)) or "\\" + m.group(0), text)
+
+
+def md_line(text: str) -> str:
+    """``md_escape(text)`` safe at the start of a line too (a paragraph or list item): a
+    leading ``#``, ``>``, ``-``, ``+``, ``=`` or ``1.`` is escaped so it starts no block."""
+    text = md_escape(text).strip()
+    return _MD_BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), text, count=1)
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_escape(text).strip()
 
 
 def to_markdown(table: Table) -> str:
@@ -62,7 +95,28 @@ def to_markdown(table: Table) -> str:
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
     text = "\n".join(lines) + "\n"
     if table.notes:
-        text += "\n" + "\n".join(table.notes) + "\n"
+        text += "\n" + "\n".join(md_line(n) for n in table.notes) + "\n"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV injection");
+# tab and carriage return are stripped by some importers, exposing what follows; the full-width
+# forms are folded to ASCII by some locales.
+_CSV_FORMULA_START = tuple("=+-@\t\r\n") + ("\uff1d", "\uff0b", "\uff0d", "\uff20")
+_CSV_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_cell(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: a leading ``'`` before a would-be formula.
+
+    Numbers such as ``-1.5`` or ``+2e-05`` are left alone so they stay numeric.
+    """
+    text = str(text)
+    if text.startswith(_CSV_FORMULA_START) and not _CSV_NUMBER.fullmatch(text):
+        return "'" + text
     return text
 
 
@@ -123,8 +177,12 @@ _TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX_SPECIAL))
 
 
 def tex_escape(text: str) -> str:
-    """Escape LaTeX's special characters (and map ±, –, −, × to math) in plain text."""
-    return _TEX_RE.sub(lambda m: _TEX_SPECIAL[m.group(0)], text)
+    """Escape LaTeX's special characters (and map ±, –, −, × to math) in plain text.
+
+    Control characters become spaces: a newline pair would end the paragraph mid-table and a
+    raw control byte is invalid input to TeX.
+    """
+    return _TEX_RE.sub(lambda m: _TEX_SPECIAL[m.group(0)], _CONTROL.sub(" ", str(text)))
 
 
 def to_latex(table: Table, caption: str, label: str) -> str:

@@ -6,6 +6,7 @@ record and summarised as mean and sample standard deviation.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import statistics
@@ -234,6 +235,19 @@ def _warn_old_old_mismatch(cells: dict[tuple[str, str], Cell], scenarios: list[s
                 )
 
 
+#: Longest slug kept as is; a longer name is cut and told apart by its hash.
+SLUG_MAX = 80
+
+
 def slug(name: str) -> str:
-    """A file-name-safe form of a scenario name (letters, digits, '.', '_', '-')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "scenario"
+    """A file-name-safe form of a scenario name (letters, digits, '.', '_', '-').
+
+    A safe name of at most SLUG_MAX characters is its own slug. Any other name is cleaned and
+    gets ``-`` and 8 hex digits of its sha256, so two names that clean to the same text ('a b'
+    and 'a_b') never write to the same files, and no name makes a file name too long.
+    """
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "scenario"
+    if clean == name and len(name) <= SLUG_MAX:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean[:SLUG_MAX]}-{digest}"

@@ -16,7 +16,8 @@ from typing import Any
 from fct.io import write_text
 from fct.report import published
 from fct.report.metric_table import DASH, METRICS
-from fct.report.render import Table, to_latex, to_markdown
+from fct.report.records import CASES
+from fct.report.render import Table, md_escape, md_line, to_latex, to_markdown
 from fct.report.summary import UNCHANGED_NEW_MODEL, Cell, Summary, slug
 
 CASE_COLUMNS = (("top1", "CMC top-1"), ("top5", "CMC top-5"), ("mAP", "mAP"), ("mAP@R", "mAP@R"))
@@ -159,7 +160,7 @@ def _notes(
             int(r["cases"][case].get("n_skipped") or 0)
             for c in cells
             for r in c.records
-            for case in r["cases"]
+            for case in CASES  # only the validated cases: a record may carry others
         ),
         default=0,
     )
@@ -258,9 +259,9 @@ def scenario_tables(summary: Summary, scenario: str) -> ScenarioTables:
 
 def scenario_markdown(t: ScenarioTables) -> str:
     """tables/SCENARIO.md: description, paper table with notes, cost table."""
-    desc = "".join(f"- {line}\n" for line in t.description)
+    desc = "".join(f"- {md_line(line)}\n" for line in t.description)
     return (
-        f"# {t.scenario}\n\n{desc}\n{t.caption}\n\n{to_markdown(t.paper)}\n"
+        f"# {md_escape(t.scenario)}\n\n{desc}\n{md_line(t.caption)}\n\n{to_markdown(t.paper)}\n"
         f"## Update cost\n\n{to_markdown(t.costs)}"
     )
 
