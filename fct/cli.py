@@ -26,8 +26,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fct.device import resolve_device
     from fct.retrieval import evaluate, load_npz
 
+    # Checked before any file is read: a bad --device is a typo, found in a second.
+    device = str(resolve_device(args.device))
     query = load_npz(args.query)
     gallery = load_npz(args.gallery) if args.gallery else None
     if args.paired and gallery is None:
@@ -40,7 +43,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         paired=args.paired,
         distance=args.distance,
         backend=args.backend,
-        device=args.device,
+        device=device,
         progress=sys.stderr.isatty() and not args.json,
     )
     if out["n_skipped"]:
@@ -78,13 +81,23 @@ def _results_dir(args: argparse.Namespace, suite: str) -> Path:
     return Path(args.out) if args.out else Path("results") / suite
 
 
+SEED_MAX = 2**31 - 1
+
+
+def _check_seed(seed: int, flag: str) -> int:
+    """A seed in [0, 2^31): torch and numpy generators take it as it is."""
+    if not 0 <= seed <= SEED_MAX:
+        raise FCTError(f"{flag} must be an integer in [0, {SEED_MAX}], got {seed}")
+    return seed
+
+
 def _parse_seeds(text: str) -> list[int]:
     """``--seeds 0,1,2`` as a list of distinct non-negative integers, in the given order."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    if not seeds or min(seeds) < 0 or max(seeds) > SEED_MAX or len(set(seeds)) != len(seeds):
         raise FCTError(
             f"--seeds takes distinct non-negative integers separated by commas, e.g. 0,1,2; got {text!r}"
         )
@@ -125,10 +138,13 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fct import distributed
     from fct.runner import RunOptions, run_suite
-    from fct.scenarios import load_suite, with_global_batch
+    from fct.scenarios import load_suite, parse_set, with_global_batch
 
+    overrides = parse_set(args.set or [])
+    _check_seed(args.seed, "--seed")
     if args.nproc is not None:
-        load_suite(args.suite)  # a bad suite fails here, once, not in every process
+        _load_plugins(args)
+        load_suite(args.suite, overrides=overrides)  # a bad suite fails here, once
         rc = distributed.launch(args.nproc, _without_nproc(args.argv))
         if rc:
             raise FCTError(
@@ -137,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         return 0
     _load_plugins(args)
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, overrides=overrides)
     if args.global_batch is not None:
         suite = with_global_batch(suite, args.global_batch)
     if args.smoke:
@@ -231,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--distance", choices=("l2", "cosine"), default="l2")
     ev.add_argument("--backend", choices=("torch", "faiss"), default="torch")
     ev.add_argument(
-        "--device", default="cpu", help="cpu or cuda (torch backend, or faiss with GPU support)"
+        "--device",
+        default="cpu",
+        help="cpu, cuda[:N] or auto (torch backend, or faiss with GPU support)",
     )
     ev.add_argument(
         "--paired",
@@ -258,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="shrink every scenario (10 classes, 4 images each, 1 epoch, 32px) to test the wiring",
     )
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="METHOD.SETTING=VALUE",
+        help="override a method setting for every scenario, e.g. bct.weight=0.5 (repeatable)",
+    )
     run.add_argument("--seeds", help="comma-separated seeds to run one after another, e.g. 0,1,2")
     run.add_argument(
         "--force", action="store_true", help="rerun finished records and retrain their artifacts"

@@ -316,11 +316,14 @@ class Context:
             ),
         )
 
-    def new_model(self, extra: ExtraLoss | None = None) -> Trained:
-        """The new model φ_new; with ``extra`` its training loss gains that term (e.g. BCT)."""
+    def new_model(self, extra: ExtraLoss | None = None, tag: str | None = None) -> Trained:
+        """The new model φ_new; with ``extra`` its training loss gains that term (e.g. BCT).
+
+        ``tag`` names the model's cache entry (default: the term's name); methods pass their
+        run name, so a suite's variants (``bct_scaled``) get entries of their own names."""
         spec = self.scenario.new
         extra_key = None if extra is None else {"name": extra.name, **extra.key()}
-        tag = "" if extra is None else f"-{extra.name}"
+        tag = "" if extra is None else f"-{tag or extra.name}"
         return self._memoized(
             ("model", spec, str(extra_key)),
             lambda: self._train_backbone(
@@ -367,11 +370,15 @@ class Context:
 
     # --- embeddings -------------------------------------------------------------------------
 
-    def embed(self, model: Trained, data: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, model: Trained, data: str = "eval", view: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of a data split by ``model`` (cached).
 
         ``data``: "eval" (the evaluation split), "new-train" or "old-train" (the new or old
-        model's training data, without augmentation).
+        model's training data). ``view`` 0 is the images as they are; view v > 0 is the split
+        augmented as its model spec trains (draws fixed by the run's seed and v), the same
+        augmented images whichever model embeds them.
         """
         spec, split = {
             "eval": (self.scenario.eval, self.scenario.eval.split),
@@ -381,6 +388,10 @@ class Context:
         # Every model sees images at the size it was trained at.
         size = getattr(model.spec, "image_size", None)
         key = {"model": model.digest, "data": self._data_key(spec, split, size)}
+        if view:
+            if not isinstance(spec, ModelSpec):
+                raise FCTError("augmented views are of training data only, not the eval split")
+            key["view"] = {"index": view, "augment": spec.augment, "seed": self.seed}
         return self._memoized(("embed", str(key)), lambda: self._embed(model, spec, split, key))
 
     def _embed(
@@ -388,18 +399,22 @@ class Context:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from fct.data import make_loader
 
-        entry = self._entry("features", f"{model.name}-{spec.dataset}-{split}", key)
+        tag = f"-view{key['view']['index']}" if "view" in key else ""
+        entry = self._entry("features", f"{model.name}-{spec.dataset}-{split}{tag}", key)
 
         def build(e: Entry):
             src = self.source(spec, split, size=key["data"]["image_size"])
             # Under torchrun each rank embeds a contiguous shard; gathered back in order.
             start, stop = distributed.shard(len(src))
             part = src if (start, stop) == (0, len(src)) else src.subset(range(start, stop))
+            view = key.get("view")
             loader = make_loader(
                 part,
                 EMBED_BATCH,
                 shuffle=False,
-                seed=0,
+                seed=view["seed"] if view else 0,
+                augment=view["augment"] if view else None,
+                epoch=view["index"] if view else 0,
                 device=self.device,
                 num_workers=loader_workers() if src.images is None else 0,
             )
@@ -441,8 +456,9 @@ class Context:
         module: nn.Module | None = None,
         loss: Callable | None = None,
     ) -> Trained:
-        """FCT's h: old (+ side) embedding -> new embedding, trained with MSE on cached
-        embeddings of the training data (``spec.train_on``: the new or the old training set).
+        """FCT's h: old (+ side) embedding -> new embedding, trained with MSE on embeddings
+        of the training data (``spec.train_on``: the new or the old training set), cached
+        views or recomputed from augmented images every step (``spec.features``, fct.h_data).
 
         ``module`` and ``loss(module, old, side, target)`` let a method train its own variant
         through the same cached loop; ``extra_key`` must then say what differs. Under
@@ -462,7 +478,6 @@ class Context:
             raise FCTError(
                 f"scenario '{self.scenario.name}' has no side-information model; set side_info = true or use fct"
             )
-        data = f"{spec.train_on}-train"
         key = {
             "h": spec.as_dict(),
             "old": old.digest,
@@ -484,28 +499,10 @@ class Context:
         wants_labels = loss is not None and _accepts_labels(loss)
 
         def fit(e: Entry) -> TrainResult:
-            x_old, y = self.embed(old, data)
-            x_new, _ = self.embed(new, data)
-            x_side = self.embed(side, data)[0] if side else None
-            n = len(x_old)
-            bs = min(spec.batch_size, n)
-            steps = max(1, n // bs)
-            # Under torchrun rank r trains on the r-th slice of every global batch.
-            local = distributed.local_batch(bs, e.name)
-            lo = distributed.rank() * local
-            freeze_at = int(spec.epochs * (1 - spec.freeze_bn_fraction))
+            from fct.h_data import h_batches
 
-            def batches(epoch: int):
-                gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-                perm = torch.randperm(n, generator=gen)
-                for i in range(steps):
-                    idx = perm[i * bs : (i + 1) * bs][lo : lo + local]
-                    yield (
-                        x_old[idx].to(self.device),
-                        None if x_side is None else x_side[idx].to(self.device),
-                        x_new[idx].to(self.device),
-                        y[idx].to(self.device) if wants_labels else None,
-                    )
+            batches, steps = h_batches(self, spec, (old, new, side), wants_labels, e.name)
+            freeze_at = int(spec.epochs * (1 - spec.freeze_bn_fraction))
 
             def step(batch, net: nn.Module) -> torch.Tensor:
                 o, s, t, labels = batch

@@ -169,11 +169,99 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file; a corrupt one raises FCTError naming the file."""
+#: Largest JSON file read back (run records, manifests, checkpoint states): a record is a few
+#: hundred KB; anything far larger is not one of ours and is refused before it is read.
+JSON_MAX_BYTES = 64 << 20
+#: Deepest nesting accepted: ours is under 10; ``[`` x 200,000 would exhaust the parser's stack.
+JSON_MAX_DEPTH = 64
+
+
+def _json_depth_ok(text: str, limit: int) -> bool:
+    if text.count("[") + text.count("{") <= limit:
+        return True
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def read_regular_bytes(path: str | os.PathLike[str], max_bytes: int, what: str = "file") -> bytes:
+    """The bytes of ``path``, only if it is a regular file of at most ``max_bytes``.
+
+    Opened without following a final symlink and without blocking (a FIFO never hangs the
+    reader); a folder, device, FIFO, symlink or an oversized file raises FCTError naming it.
+    """
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        fd = os.open(path, flags)
+    except FileNotFoundError as e:
+        raise FCTError(f"{path} does not exist; rerun to rebuild the {what}") from e
+    except OSError as e:
+        raise FCTError(
+            f"{path} is not a readable regular {what} ({e.strerror or e}); delete it and rerun"
+        ) from e
+    try:
+        st = os.fstat(fd)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            raise FCTError(f"{path} is not a regular {what}; delete it and rerun")
+        if st.st_size > max_bytes:
+            raise FCTError(
+                f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit for a {what}; "
+                "delete it and rerun"
+            )
+        chunks = []
+        remaining = max_bytes + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > max_bytes:  # the file grew while being read
+            raise FCTError(f"{path} is over the {max_bytes}-byte limit for a {what}; delete it")
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str | os.PathLike[str], max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """Read a JSON file we wrote; anything else raises FCTError naming the file.
+
+    Bounded: only a regular file (no symlink, FIFO or device) of at most ``max_bytes``, UTF-8,
+    nested at most JSON_MAX_DEPTH deep, numbers of sane length. Every shape of damage (random
+    bytes, a folder in the file's place, deep nesting, a 5,000-digit integer) is an FCTError.
+    """
+    data = read_regular_bytes(path, max_bytes, "JSON file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FCTError(f"{path} is not UTF-8 text; delete it and rerun") from e
+    if not _json_depth_ok(text, JSON_MAX_DEPTH):
+        raise FCTError(f"{path} is nested deeper than {JSON_MAX_DEPTH} levels; delete it and rerun")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise FCTError(
             f"{path} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun"
         ) from e
+    except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit
+        raise FCTError(f"{path} is not a usable JSON file ({e}); delete it and rerun") from e

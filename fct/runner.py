@@ -11,6 +11,7 @@ rank 0 alone decides what is skipped, evaluates, and writes records and the repo
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from fct.context import Context, apply_transformation
 from fct.curves import backfill_curves
 from fct.errors import FCTError
 from fct.io import check_writable, read_json, write_json
-from fct.methods import METHODS, Deployment
+from fct.methods import Deployment
 from fct.provenance import provenance
 from fct.scenarios import Scenario, Suite, config_hash
 
@@ -52,17 +53,11 @@ class RunOptions:
     sync_bn: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda when available; asking for cuda without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FCTError(
-            "--device cuda was asked for but torch sees no GPU; use --device cpu or auto"
-        )
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise FCTError(f"unknown device '{name}'; use auto, cpu or cuda[:N]")
-    return torch.device(name)
+def resolve_device(name: str | torch.device) -> torch.device:
+    """fct.device.resolve_device, kept under this name for callers of fct.runner."""
+    from fct.device import resolve_device as resolve
+
+    return resolve(name)
 
 
 def record_path(out: Path, scenario: str, method: str, seed: int) -> Path:
@@ -107,8 +102,9 @@ def _round(d: dict[str, Any]) -> dict[str, Any]:
 def evaluate_deployment(
     ctx: Context, dep: Deployment
 ) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]] | None:
-    """The three cases of a deployment, the measured update costs and the backfilling curves
-    (run-record keys ``curves``, ``auc``, ``backfill_curves``: see fct.curves).
+    """The three cases of a deployment, the measured update costs, and the other record keys:
+    the backfilling curves (``curves``, ``auc``, ``backfill_curves``: see fct.curves), the
+    cases under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
 
     Under torchrun every rank takes part in embedding the evaluation split (sharded); the
     evaluation itself runs on rank 0, and the other ranks return None.
@@ -121,12 +117,6 @@ def evaluate_deployment(
     if not distributed.is_main():
         return None
     opts = knn_options(ctx)
-    cases = {}
-    memo_key = ("old/old", old.digest, str(opts))
-    if memo_key not in ctx._memo:
-        ctx._memo[memo_key] = retrieval.evaluate(_features(old_x, labels, "old/old"), **opts)
-    cases["old/old"] = ctx._memo[memo_key]
-    cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
     costs: dict[str, Any] = {
         "backfill_fraction": dep.backfill_fraction,
         "backfill_images_per_s": ctx.embed_speed(dep.query_model),
@@ -147,28 +137,70 @@ def evaluate_deployment(
             f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(new_x.shape)}; "
             "the gallery update must map old embeddings into the new model's space"
         )
+    cases = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts)
+    # The same cases under cosine distance: a method whose embeddings change scale (BCT's grow
+    # with a frozen classifier) shows it as a gap between the two (docs/baselines.md).
+    cos_opts = {**opts, "distance": "cosine"}
+    cases_cosine = (
+        cases
+        if opts["distance"] == "cosine"
+        else _three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts)
+    )
+    diagnostics = {"cross_norm_ratio": _norm_ratio(new_x, gallery)}
+    t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
+    costs["speedup_vs_backfill"] = t / b if t and b else None
+    # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
+    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if sc.eval.curves else {}
+    # --- end of backfilling curves ---
+    extras = {
+        "cases_cosine": {k: _round(v) for k, v in cases_cosine.items()},
+        "diagnostics": _round(diagnostics),
+    }
+    return {k: _round(v) for k, v in cases.items()}, _round(costs), {**curves, **extras}
+
+
+def _three_cases(ctx: Context, old, old_x, new_x, gallery, labels, opts: dict) -> dict[str, dict]:
+    """old/old, new/new and cross (new queries against the updated gallery, paired)."""
+    cases = {}
+    memo_key = ("old/old", old.digest, str(opts))
+    if memo_key not in ctx._memo:
+        ctx._memo[memo_key] = retrieval.evaluate(_features(old_x, labels, "old/old"), **opts)
+    cases["old/old"] = ctx._memo[memo_key]
+    cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
     cases["cross"] = retrieval.evaluate(
         _features(new_x, labels, "query"),
         _features(gallery, labels, "gallery"),
         paired=True,
         **opts,
     )
-    t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
-    costs["speedup_vs_backfill"] = t / b if t and b else None
-    # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
-    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if sc.eval.curves else {}
-    # --- end of backfilling curves ---
-    return {k: _round(v) for k, v in cases.items()}, _round(costs), curves
+    return cases
+
+
+def _norm_ratio(queries: torch.Tensor, gallery: torch.Tensor) -> float | None:
+    """Mean L2 norm of the cross case's queries over that of its gallery."""
+    g = gallery.float().norm(dim=1).mean().item()
+    return queries.float().norm(dim=1).mean().item() / g if g > 0 else None
+
+
+def record_digest(sc: Scenario, method, seed: int) -> str:
+    """The hash a record is checked against: the scenario's results key, the method's run
+    name, registered method and settings (not its display label), the seed, the schema."""
+    return config_hash(
+        {
+            "scenario": sc.results_key(),
+            "method": method.hash_config(),
+            "seed": seed,
+            "schema": SCHEMA,
+        }
+    )
 
 
 def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     """Fit one method on the context's scenario, evaluate it, write its run record."""
     sc = ctx.scenario
-    method = METHODS.get(method_name)()
+    method = sc.method(method_name)
     path = record_path(opts.out, sc.name, method_name, opts.seed)
-    digest = config_hash(
-        {"scenario": sc.as_dict(), "method": method.config(), "seed": opts.seed, "schema": SCHEMA}
-    )
+    digest = record_digest(sc, method, opts.seed)
     if distributed.broadcast_json(_up_to_date(path, digest, opts, sc.name, method_name)):
         return path
     log.info("%s / %s: fitting on %s (seed %d)", sc.name, method_name, ctx.device, opts.seed)
@@ -191,13 +223,14 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         "suite": sc.suite,
         "scenario": sc.name,
         "method": method_name,
+        "label": method.display_label,
         "seed": opts.seed,
         "config_hash": digest,
         "scenario_config": sc.as_dict(),
         "method_config": method.config(),
         "cases": cases,
         "costs": costs,
-        **curves,  # "curves", "auc" (read by fct.report) and "backfill_curves"
+        **curves,  # curves, auc, backfill_curves (fct.curves); cases_cosine, diagnostics
         "artifacts": {
             a.entry.kind + "/" + a.name: a.digest for a in dep.artifacts if a is not None
         },
@@ -223,16 +256,41 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
 
 def _up_to_date(path: Path, digest: str, opts: RunOptions, scenario: str, method: str) -> bool:
     """Whether the record at ``path`` was made from this config (rank 0 reads it)."""
-    if not distributed.is_main() or opts.force or not path.exists():
+    if not distributed.is_main() or opts.force or not (path.exists() or path.is_symlink()):
         return False
     try:
-        if read_json(path).get("config_hash") == digest:
-            log.info("%s / %s: up to date (%s), skipped", scenario, method, path)
-            return True
-    except FCTError:
-        log.warning("%s is unreadable; rerunning it", path)
+        rec = read_json(path)
+    except FCTError as e:
+        log.warning("%s is unreadable (%s); rerunning it", path, e)
+        _move_aside(path)
+        return False
+    if isinstance(rec, dict) and rec.get("config_hash") == digest:
+        log.info("%s / %s: up to date (%s), skipped", scenario, method, path)
+        return True
+    if not isinstance(rec, dict):
+        log.warning("%s is not a run record (a JSON %s); rerunning it", path, type(rec).__name__)
+        _move_aside(path)
+        return False
     log.info("%s / %s: config changed since %s was written; rerunning", scenario, method, path)
     return False
+
+
+def _move_aside(path: Path) -> None:
+    """Move a damaged record (a file, a folder, a link) out of the way as ``NAME.corrupt``,
+    so the rerun can write the record and the damaged one is kept for a look."""
+    import shutil
+
+    target = path.with_name(path.name + ".corrupt")
+    try:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        os.replace(path, target)
+    except OSError as e:
+        raise FCTError(
+            f"{path} is damaged and cannot be moved aside ({e.strerror or e}); delete it and rerun"
+        ) from e
 
 
 def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
@@ -244,7 +302,7 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
     """
     sc = ctx.scenario
     for m in methods:
-        method = METHODS.get(m)()  # an unknown name raises, with "did you mean"
+        method = sc.method(m)  # an unknown name raises, with "did you mean"
         try:
             method.check(sc)
         except FCTError as e:

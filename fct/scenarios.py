@@ -6,8 +6,11 @@ tables, and ``[[scenario]]`` entries. Specs are merged in this order, later wins
     defaults.model -> defaults.<role> -> scenario.model -> scenario.<role>
 
 for the roles ``old``, ``new`` and ``side`` (model specs), then ``defaults.transformation``
--> ``scenario.transformation``, ``defaults.eval`` -> ``scenario.eval`` and
-``defaults.bct`` -> ``scenario.bct``. Unknown keys, datasets, losses, methods and timm
+-> ``scenario.transformation`` and ``defaults.eval`` -> ``scenario.eval``.
+
+Method settings: top-level ``[methods.NAME]`` tables (suite-wide; ``base = "bct"`` makes NAME
+a variant of a registered method), then a scenario's ``settings.NAME`` table, then
+``fct run --set NAME.KEY=VALUE``. Unknown keys, datasets, losses, methods, settings and timm
 architectures are refused on load with a "did you mean" hint; TOML syntax errors name the line.
 """
 
@@ -17,6 +20,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -71,6 +75,12 @@ class TransformationSpec:
     warmup_epochs: float = 5.0
     freeze_bn_fraction: float = 0.5  # BatchNorm statistics frozen for the last half
     train_on: str = "new"  # which training split h is fitted on: "new" (all) or "old"
+    # What h is fitted on. "cached": old/new/side embeddings of ``views`` views per training
+    # image, embedded once and cached (view 0 un-augmented, the others augmented as the new
+    # model's training is); "online": the reference's way (ml-fct), every step embeds a freshly
+    # augmented batch with the frozen old, new and side models (``views`` is then unused).
+    features: str = "cached"
+    views: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -95,19 +105,18 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class BCTSpec:
-    """BCT's influence loss: weight and label smoothing of the old-classifier term."""
+class MethodSpec:
+    """One method as a scenario runs it: its run name, the registered method, its settings."""
 
-    weight: float = 1.0
-    smoothing: float = 0.0  # Shen et al. use plain softmax cross-entropy for the influence loss
-    # Rows for classes the old model never saw: "scaled-mean" = the old-model class mean's
-    # direction at the old classifier's mean row norm; "mean" = the raw class mean, whose norm
-    # is on the embedding's scale, not the classifier's (it dominates the logits).
-    new_rows: str = "scaled-mean"
+    name: str
+    base: str
+    settings: Any  # an instance of the registered method's Settings dataclass
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return _plain(self)
+    def build(self):
+        """A fresh Method instance with these settings, running under ``name``."""
+        from fct.methods import METHODS
+
+        return METHODS.get(self.base)(self.settings, name=self.name)
 
 
 @dataclass(frozen=True)
@@ -121,19 +130,40 @@ class Scenario:
     side: ModelSpec | None
     transformation: TransformationSpec = field(default_factory=TransformationSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    bct: BCTSpec = field(default_factory=BCTSpec)
     methods: tuple[str, ...] = ("independent", "bct", "fct", "fct_side")
+    method_specs: tuple[MethodSpec, ...] = ()  # settings of every method the suite names
     kinds: tuple[str, ...] = ()
     description: str = ""
     paper: bool = False  # paper-faithful settings: reports show published numbers beside ours
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the whole scenario (stored in every run record)."""
-        return _plain(self)
+        """Plain JSON-able dict of the scenario (stored in every run record); each method's
+        settings are in its own record's ``method_config``, not here."""
+        out = _plain(self)
+        del out["method_specs"]
+        return out
+
+    def results_key(self) -> dict[str, Any]:
+        """What determines a record's results besides its method: the scenario without the
+        list of methods, kinds and description (adding a method reruns nothing else)."""
+        out = self.as_dict()
+        for k in ("methods", "kinds", "description"):
+            del out[k]
+        return out
 
     def digest(self) -> str:
         """A hash of everything that determines this scenario's results."""
-        return config_hash(self.as_dict())
+        return config_hash(self.results_key())
+
+    def method(self, name: str):
+        """The Method instance that runs as ``name`` here (a suite variant or a registered
+        method with the suite's settings, else with its defaults)."""
+        for spec in self.method_specs:
+            if spec.name == name:
+                return spec.build()
+        from fct.methods import METHODS
+
+        return METHODS.get(name)()
 
 
 @dataclass(frozen=True)
@@ -185,14 +215,19 @@ def config_hash(obj: Any, length: int = 16) -> str:
 
 # --- loading and validation -------------------------------------------------------------------
 
-_SECTIONS = {"suite", "defaults", "scenario"}
+_SECTIONS = {"suite", "defaults", "scenario", "methods"}
 _SUITE_KEYS = {"name", "description", "methods"}
-_DEFAULT_KEYS = {"model", "old", "new", "side", "transformation", "eval", "bct", "methods", "paper"}
-_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info"}
+_DEFAULT_KEYS = {"model", "old", "new", "side", "transformation", "eval", "methods", "paper"}
+_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info", "settings"}
+_MOVED = {"bct": "BCT's settings are set in a [methods.bct] table (or settings.bct per scenario)"}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise FCTError(f"{where} must be a table, got {table!r}; see suites/quickstart.toml")
     for key in table:
+        if key in _MOVED and key not in allowed:
+            raise FCTError(f"{where}: '{key}' is no longer a key here; {_MOVED[key]}")
         if key not in allowed:
             raise FCTError(
                 f"{where}: unknown key '{key}'{did_you_mean(key, allowed)}; "
@@ -208,6 +243,10 @@ def _build(cls: type, merged: dict, where: str) -> Any:
         if key in ("arch_args", "loss_args"):
             if not isinstance(value, dict):
                 raise FCTError(f"{where}: '{key}' must be a table, e.g. {key} = {{ name = value }}")
+            for k, v in value.items():
+                flat = v if isinstance(v, list) else [v]
+                if not all(isinstance(x, bool | int | float | str) for x in flat):
+                    raise FCTError(f"{where}: {key}.{k} must be a number, string or list of them")
             value = tuple(
                 sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items())
             )
@@ -251,9 +290,21 @@ def _check_types(spec: Any, where: str) -> None:
             raise FCTError(f"{where}: '{f.name}' must be a string, got {v!r}")
 
 
+#: timm.create_model arguments a suite may set: shapes and regularisation only. Anything that
+#: loads weights (checkpoint_path, pretrained, pretrained_cfg, ...) is refused: models here
+#: train from scratch, and a file's content would not be in the cache key.
+ARCH_ARGS = frozenset(
+    {"drop_rate", "drop_path_rate", "drop_block_rate", "channels", "layers", "stem_width",
+     "stem_type", "output_stride", "width_multiplier", "depth_multiplier", "channel_multiplier",
+     "global_pool"}
+)
+EMBEDDING_DIM_MAX = 1 << 16
+IMAGE_SIZE_MAX = 4096
+
+
 def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
     from fct.data import DATASETS
-    from fct.losses import LOSSES
+    from fct.losses import LOSSES, make_loss
     from fct.models import check_arch
 
     if spec.dataset not in DATASETS:
@@ -271,11 +322,55 @@ def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
         raise FCTError(
             f"{where}: unknown optimizer '{spec.optimizer}'{did_you_mean(spec.optimizer, ['sgd', 'adamw', 'adam'])}; choose sgd, adamw or adam"
         )
-    for key in ("epochs", "batch_size", "embedding_dim"):
-        if getattr(spec, key) <= 0:
-            raise FCTError(f"{where}: {key} must be positive, got {getattr(spec, key)}")
+    for key, high in (("epochs", 100_000), ("batch_size", 1 << 20), ("embedding_dim", EMBEDDING_DIM_MAX)):
+        v = getattr(spec, key)
+        if not 0 < v <= high:
+            raise FCTError(f"{where}: {key} must be an integer in [1, {high}], got {v}")
+    if spec.image_size is not None and not (
+        isinstance(spec.image_size, int) and 8 <= spec.image_size <= IMAGE_SIZE_MAX
+    ):
+        raise FCTError(f"{where}: image_size must be an integer in [8, {IMAGE_SIZE_MAX}], got {spec.image_size!r}")
+    if spec.max_per_class is not None and not (
+        isinstance(spec.max_per_class, int) and spec.max_per_class > 0
+    ):
+        raise FCTError(f"{where}: max_per_class must be a positive integer, got {spec.max_per_class!r}")
+    if spec.small_stem is not None and not isinstance(spec.small_stem, bool):
+        raise FCTError(f"{where}: small_stem must be true or false")
+    if not 0 < spec.lr < math.inf:
+        raise FCTError(f"{where}: lr must be a positive number, got {spec.lr}")
+    for key in ("momentum", "weight_decay"):
+        v = getattr(spec, key)
+        if not 0 <= v < 1:
+            raise FCTError(f"{where}: {key} must be in [0, 1), got {v}")
+    if not 0 <= spec.warmup_epochs <= spec.epochs:
+        raise FCTError(f"{where}: warmup_epochs must be in [0, epochs], got {spec.warmup_epochs}")
     if spec.embed_act not in ("none", "relu"):
         raise FCTError(f"{where}: embed_act must be 'none' or 'relu', got {spec.embed_act!r}")
+    from fct.data.loader import AUGMENTS
+
+    if spec.augment not in AUGMENTS:
+        raise FCTError(
+            f"{where}: augment must be one of {', '.join(AUGMENTS)}, got {spec.augment!r}"
+        )
+    for key, _value in spec.arch_args:
+        if key not in ARCH_ARGS:
+            raise FCTError(
+                f"{where}: arch_args key '{key}' is not allowed{did_you_mean(key, ARCH_ARGS)}; "
+                f"a suite may set {', '.join(sorted(ARCH_ARGS))} (models train from scratch; "
+                "no weights are loaded)"
+            )
+    try:
+        if spec.loss == "simclr":
+            from fct.losses import _check_positive
+
+            for key, value in spec.loss_args:
+                if key != "temperature":
+                    raise FCTError(f"loss 'simclr' got unknown argument {key}; allowed: temperature")
+                _check_positive("temperature", value)
+        else:
+            make_loss(spec.loss, **dict(spec.loss_args))
+    except FCTError as e:
+        raise FCTError(f"{where} loss_args: {e}") from e
     try:
         check_arch(spec.arch)
     except FCTError as e:  # say which file and scenario, as every other suite error does
@@ -290,93 +385,239 @@ def _merge(*tables: dict | None) -> dict:
     return out
 
 
-def parse_suite(text: str, name: str, path: Path) -> Suite:
-    """Parse and validate suite TOML ``text``; ``path`` is used in messages."""
-    from fct.methods import METHODS
+#: Names of suites, scenarios and methods become folder and file names: a safe slug only.
+NAME_MAX = 100
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
+
+def check_name(value: Any, what: str, where: str) -> str:
+    """``value`` if it is a safe name (letters, digits, ``-``, ``_``, ``.``; not starting with
+    a dot; at most NAME_MAX characters), else FCTError: names become paths under --out."""
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > NAME_MAX
+        or not set(value) <= _NAME_CHARS
+        or value.startswith(".")
+    ):
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60]) + "..."
+        raise FCTError(
+            f"{where}: {what} name {shown} is not allowed; use 1-{NAME_MAX} letters, digits, "
+            "'-', '_' or '.', not starting with '.'"
+        )
+    return value
+
+
+def _string_list(value: Any, what: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FCTError(f'{where}: {what} must be a list of names such as ["fct", "bct"], got {value!r}')
+    return tuple(value)
+
+
+def _table(doc: dict, key: str, where: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise FCTError(f"{where}: '{key}' must be a table ({key} = {{ ... }}), got {value!r}")
+    return value
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``--set NAME.KEY=VALUE`` overrides as {method: {key: value}}; VALUE is read as TOML
+    (``0.5``, ``true``, ``"mean"``; a bare word is taken as a string)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, eq, raw = item.partition("=")
+        method, dot, key = head.strip().partition(".")
+        if not eq or not dot or not method or not key:
+            raise FCTError(f"--set takes METHOD.SETTING=VALUE, e.g. bct.weight=0.5; got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out.setdefault(method, {})[key] = value
+    return out
+
+
+def _method_specs(
+    names: set[str],
+    tables: dict[str, dict],
+    per_scenario: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+    where: str,
+) -> tuple[MethodSpec, ...]:
+    """Settings of every method in ``names``: suite table, then scenario table, then --set."""
+    from fct.methods import METHODS, make_settings
+
+    specs = []
+    for name in sorted(names):
+        table = dict(tables.get(name, {}))
+        base = table.pop("base", name)
+        if not isinstance(base, str) or base not in METHODS:
+            shown = base if isinstance(base, str) else repr(base)
+            raise FCTError(
+                f"{where}: unknown method '{shown}'{did_you_mean(str(shown), METHODS.names())}; "
+                "see `fct list methods` (plugins: --plugin MODULE; a variant: "
+                f'[methods.{name}] base = "bct")'
+            )
+        if base != name and name in METHODS:
+            raise FCTError(
+                f"{where} [methods.{name}]: '{name}' is a registered method; "
+                "give the variant another name"
+            )
+        scenario_table = per_scenario.get(name, {})
+        if not isinstance(scenario_table, dict):
+            raise FCTError(f"{where}: settings.{name} must be a table, got {scenario_table!r}")
+        merged = {**table, **scenario_table, **overrides.get(name, {})}
+        try:
+            settings = make_settings(METHODS.get(base).Settings, merged)
+        except FCTError as e:
+            raise FCTError(f"{where} [methods.{name}]: {e}") from e
+        specs.append(MethodSpec(name, base, settings))
+    return tuple(specs)
+
+
+def parse_suite(
+    text: str, name: str, path: Path, overrides: dict[str, dict[str, Any]] | None = None
+) -> Suite:
+    """Parse and validate suite TOML ``text``; ``path`` is used in messages; ``overrides``
+    are ``--set`` method settings (see parse_set)."""
+    overrides = overrides or {}
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FCTError(f"{path}: TOML error: {e}; fix the file") from e
     _check_keys(doc, _SECTIONS, str(path))
-    head = doc.get("suite", {})
+    head = _table(doc, "suite", str(path))
     _check_keys(head, _SUITE_KEYS, f"{path} [suite]")
-    defaults = doc.get("defaults", {})
+    defaults = _table(doc, "defaults", str(path))
     _check_keys(defaults, _DEFAULT_KEYS, f"{path} [defaults]")
+    for key in _DEFAULT_KEYS - {"methods", "paper"}:
+        _table(defaults, key, f"{path} [defaults]")
+    tables = _table(doc, "methods", str(path))
+    for mname, table in tables.items():
+        check_name(mname, "method", f"{path} [methods]")
+        if not isinstance(table, dict):
+            raise FCTError(f"{path}: [methods.{mname}] must be a table of settings, got {table!r}")
+    for mname in overrides:
+        if mname not in tables:
+            from fct.methods import METHODS
+
+            if mname not in METHODS:
+                raise FCTError(
+                    f"--set {mname}.…: unknown method '{mname}'"
+                    f"{did_you_mean(mname, list(METHODS.names()) + list(tables))}"
+                )
     entries = doc.get("scenario", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise FCTError(f"{path}: scenarios are [[scenario]] tables, got scenario = {entries!r}")
     if not entries:
         raise FCTError(f"{path}: no [[scenario]] entries; add at least one")
-    suite_name = head.get("name", name)
-    default_methods = defaults.get(
-        "methods", head.get("methods", ["independent", "bct", "fct", "fct_side"])
+    suite_name = check_name(head.get("name", name), "suite", f"{path} [suite]")
+    description = head.get("description", "")
+    if not isinstance(description, str):
+        raise FCTError(f"{path} [suite]: description must be a string")
+    default_methods = _string_list(
+        defaults.get("methods", head.get("methods", ["independent", "bct", "fct", "fct_side"])),
+        "methods",
+        f"{path} [suite]",
     )
     scenarios = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for i, entry in enumerate(entries):
-        where = f"{path} scenario #{i + 1}"
-        _check_keys(entry, _SCENARIO_KEYS, where)
-        sname = entry.get("name")
-        if not sname or not isinstance(sname, str):
-            raise FCTError(f'{where}: every scenario needs a name = "..."')
-        where = f"{path} scenario '{sname}'"
-        if sname in seen:
-            raise FCTError(f"{where}: duplicate scenario name; names must be unique in a suite")
-        seen.add(sname)
-        specs = {}
-        for role in ("old", "new", "side"):
-            merged = _merge(
-                defaults.get("model"), defaults.get(role), entry.get("model"), entry.get(role)
+        sc = _parse_scenario(entry, i, path, suite_name, defaults, default_methods, tables, overrides)
+        folded = sc.name.lower()  # a case-insensitive file system would merge these folders
+        if seen.get(folded) == sc.name:
+            raise FCTError(
+                f"{path} scenario '{sc.name}': duplicate scenario name; names must be unique in a suite"
             )
-            if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
-                merged["loss"] = (
-                    "simclr"  # side-information is self-supervised unless told otherwise
-                )
-            specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
-        use_side = entry.get("side_info", True)
-        side_table = _merge(defaults.get("side"), entry.get("side"))
-        if use_side and "classes" not in side_table and "dataset" not in side_table:
-            # Side-information is trained on the old training data unless told otherwise.
-            specs["side"] = dataclasses.replace(
-                specs["side"],
-                classes=specs["old"].classes,
-                dataset=specs["old"].dataset,
-                max_per_class=specs["old"].max_per_class,
+        if folded in seen:
+            raise FCTError(
+                f"{path} scenario '{sc.name}': the name clashes with '{seen[folded]}' "
+                "(names must differ in more than letter case: they become folder names)"
             )
-        methods = tuple(entry.get("methods", default_methods))
-        for m in methods:
-            if m not in METHODS:
-                raise FCTError(
-                    f"{where}: unknown method '{m}'{did_you_mean(m, METHODS.names())}; see `fct list methods` (plugins: --plugin MODULE)"
-                )
-        kinds = tuple(entry.get("kinds", ()))
-        for k in kinds:
-            if k not in KINDS:
-                raise FCTError(
-                    f"{where}: unknown kind '{k}'{did_you_mean(k, KINDS)}; choose from {', '.join(KINDS)}"
-                )
-        sc = Scenario(
-            name=sname,
-            suite=suite_name,
-            old=specs["old"],
-            new=specs["new"],
-            side=specs["side"] if use_side else None,
-            transformation=_build(
-                TransformationSpec,
-                _merge(defaults.get("transformation"), entry.get("transformation")),
-                f"{where} [transformation]",
-            ),
-            eval=_build(
-                EvalSpec, _merge(defaults.get("eval"), entry.get("eval")), f"{where} [eval]"
-            ),
-            bct=_build(BCTSpec, _merge(defaults.get("bct"), entry.get("bct")), f"{where} [bct]"),
-            methods=methods,
-            kinds=kinds,
-            description=entry.get("description", ""),
-            paper=bool(entry.get("paper", defaults.get("paper", False))),
-        )
-        _validate_scenario(sc, where)
+        seen[folded] = sc.name
         scenarios.append(sc)
-    return Suite(suite_name, path, head.get("description", ""), tuple(scenarios))
+    return Suite(suite_name, path, description, tuple(scenarios))
+
+
+def _parse_scenario(
+    entry: dict,
+    i: int,
+    path: Path,
+    suite_name: str,
+    defaults: dict,
+    default_methods: tuple[str, ...],
+    tables: dict[str, dict],
+    overrides: dict[str, dict[str, Any]],
+) -> Scenario:
+    where = f"{path} scenario #{i + 1}"
+    _check_keys(entry, _SCENARIO_KEYS, where)
+    sname = entry.get("name")
+    if sname is None:
+        raise FCTError(f'{where}: every scenario needs a name = "..."')
+    sname = check_name(sname, "scenario", where)
+    where = f"{path} scenario '{sname}'"
+    for key in ("model", "old", "new", "side", "transformation", "eval", "settings"):
+        _table(entry, key, where)
+    specs = {}
+    for role in ("old", "new", "side"):
+        merged = _merge(
+            defaults.get("model"), defaults.get(role), entry.get("model"), entry.get(role)
+        )
+        if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
+            merged["loss"] = "simclr"  # side-information is self-supervised unless told otherwise
+        specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
+    use_side = entry.get("side_info", True)
+    if not isinstance(use_side, bool):
+        raise FCTError(f"{where}: side_info must be true or false, got {use_side!r}")
+    side_table = _merge(defaults.get("side"), entry.get("side"))
+    if use_side and "classes" not in side_table and "dataset" not in side_table:
+        # Side-information is trained on the old training data unless told otherwise.
+        specs["side"] = dataclasses.replace(
+            specs["side"],
+            classes=specs["old"].classes,
+            dataset=specs["old"].dataset,
+            max_per_class=specs["old"].max_per_class,
+        )
+    methods = _string_list(entry.get("methods", list(default_methods)), "methods", where)
+    for m in methods:
+        check_name(m, "method", where)
+    if len(set(methods)) != len(methods):
+        raise FCTError(f"{where}: methods lists a method twice: {list(methods)}")
+    kinds = _string_list(entry.get("kinds", []), "kinds", where)
+    for k in kinds:
+        if k not in KINDS:
+            raise FCTError(
+                f"{where}: unknown kind '{k}'{did_you_mean(k, KINDS)}; choose from {', '.join(KINDS)}"
+            )
+    description = entry.get("description", "")
+    if not isinstance(description, str):
+        raise FCTError(f"{where}: description must be a string")
+    paper = entry.get("paper", defaults.get("paper", False))
+    if not isinstance(paper, bool):
+        raise FCTError(f"{where}: paper must be true or false, got {paper!r}")
+    per_scenario = entry.get("settings", {})
+    names = set(methods) | set(tables) | set(per_scenario) | set(overrides)
+    sc = Scenario(
+        name=sname,
+        suite=suite_name,
+        old=specs["old"],
+        new=specs["new"],
+        side=specs["side"] if use_side else None,
+        transformation=_build(
+            TransformationSpec,
+            _merge(defaults.get("transformation"), entry.get("transformation")),
+            f"{where} [transformation]",
+        ),
+        eval=_build(EvalSpec, _merge(defaults.get("eval"), entry.get("eval")), f"{where} [eval]"),
+        methods=methods,
+        method_specs=_method_specs(names, tables, per_scenario, overrides, where),
+        kinds=kinds,
+        description=description,
+        paper=paper,
+    )
+    _validate_scenario(sc, where)
+    return sc
 
 
 def _validate_scenario(sc: Scenario, where: str) -> None:
@@ -388,15 +629,41 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
         raise FCTError(f"{where} [eval]: distance must be l2 or cosine, got {sc.eval.distance!r}")
     if sc.eval.backend not in ("torch", "faiss"):
         raise FCTError(f"{where} [eval]: backend must be torch or faiss, got {sc.eval.backend!r}")
-    if sc.bct.new_rows not in ("scaled-mean", "mean"):
-        raise FCTError(
-            f"{where} [bct]: new_rows must be 'scaled-mean' or 'mean', got {sc.bct.new_rows!r}"
-        )
-    if sc.transformation.train_on not in ("new", "old"):
-        raise FCTError(f"{where} [transformation]: train_on must be 'new' or 'old'")
+    if sc.eval.max_per_class is not None and not (
+        isinstance(sc.eval.max_per_class, int) and sc.eval.max_per_class > 0
+    ):
+        raise FCTError(f"{where} [eval]: max_per_class must be a positive integer")
+    _validate_transformation(sc.transformation, f"{where} [transformation]")
     if "fct_side" in sc.methods and sc.side is None:
         raise FCTError(
             f"{where}: method fct_side needs side-information; remove side_info = false or the method"
+        )
+
+
+def _validate_transformation(t: TransformationSpec, where: str) -> None:
+    if t.train_on not in ("new", "old"):
+        raise FCTError(f"{where}: train_on must be 'new' or 'old', got {t.train_on!r}")
+    for key, low, high in (
+        ("hidden", 1, 1 << 16),
+        ("epochs", 1, 100_000),
+        ("batch_size", 1, 1 << 24),
+        ("views", 1, 64),
+    ):
+        v = getattr(t, key)
+        if not low <= v <= high:
+            raise FCTError(f"{where}: {key} must be an integer in [{low}, {high}], got {v}")
+    if not 0 < t.lr < math.inf:
+        raise FCTError(f"{where}: lr must be a positive number, got {t.lr}")
+    if not (0 <= t.weight_decay < 1):
+        raise FCTError(f"{where}: weight_decay must be in [0, 1), got {t.weight_decay}")
+    if not (0 <= t.warmup_epochs <= t.epochs):
+        raise FCTError(f"{where}: warmup_epochs must be in [0, epochs], got {t.warmup_epochs}")
+    if not (0 <= t.freeze_bn_fraction <= 1):
+        raise FCTError(f"{where}: freeze_bn_fraction must be in [0, 1], got {t.freeze_bn_fraction}")
+    if t.features not in ("cached", "online"):
+        raise FCTError(
+            f"{where}: features must be 'cached' (embeddings of `views` views per image) or "
+            f"'online' (recomputed from augmented images every step), got {t.features!r}"
         )
 
 
@@ -422,10 +689,25 @@ def list_suites(folder: Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml"))
 
 
-def load_suite(name: str, suites_dir: Path | None = None) -> Suite:
-    """Load and validate a suite by name (suites/NAME.toml) or by path to a .toml file."""
+SUITE_MAX_BYTES = 4 << 20
+
+
+def load_suite(
+    name: str,
+    suites_dir: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Suite:
+    """Load and validate a suite by name (suites/NAME.toml) or by path to a .toml file;
+    ``overrides``: ``--set`` method settings (see parse_set)."""
+    from fct.io import read_regular_bytes
+
     path = suite_path(name, suites_dir)
-    return parse_suite(path.read_text(encoding="utf-8"), path.stem, path)
+    data = read_regular_bytes(path, SUITE_MAX_BYTES, "suite file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FCTError(f"{path}: a suite file must be UTF-8 text; fix the file") from e
+    return parse_suite(text, path.stem, path, overrides)
 
 
 # --- smoke mode -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fct.methods.baselines import BCTInfluence
+from fct.methods.baselines import BCTInfluence, BCTSettings
 
 
 def fake_ctx(old_dataset="d", new_dataset="d"):
@@ -18,7 +18,8 @@ def fake_ctx(old_dataset="d", new_dataset="d"):
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [3.0, 4.0]])
     labels = torch.tensor([0, 1, 2, 2])
     scenario = SimpleNamespace(
-        old=SimpleNamespace(dataset=old_dataset), new=SimpleNamespace(dataset=new_dataset)
+        old=SimpleNamespace(dataset=old_dataset, loss="ce", loss_args=(("smoothing", 0.0),)),
+        new=SimpleNamespace(dataset=new_dataset),
     )
     return SimpleNamespace(
         old_model=lambda: old,
@@ -29,7 +30,7 @@ def fake_ctx(old_dataset="d", new_dataset="d"):
 
 
 def test_new_class_rows_are_scaled_class_means():
-    term = BCTInfluence(1.0, 0.0, "scaled-mean").bind(fake_ctx())
+    term = BCTInfluence(BCTSettings(rows="old+scaled-means")).bind(fake_ctx())
     term.prepare(fake_ctx(), SimpleNamespace(num_classes=3))
     w = term.old_weight
     assert torch.equal(w[:2], torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # old rows copied, frozen
@@ -38,10 +39,10 @@ def test_new_class_rows_are_scaled_class_means():
 
 
 def test_raw_means_and_cross_dataset_rows():
-    term = BCTInfluence(1.0, 0.0, "mean").bind(fake_ctx())
+    term = BCTInfluence(BCTSettings()).bind(fake_ctx())
     term.prepare(fake_ctx(), SimpleNamespace(num_classes=3))
     assert torch.allclose(term.old_weight[2], torch.tensor([3.0, 4.0]))
-    cross = BCTInfluence(1.0, 0.0).bind(fake_ctx("a", "b"))
+    cross = BCTInfluence(BCTSettings()).bind(fake_ctx("a", "b"))
     cross.prepare(fake_ctx("a", "b"), SimpleNamespace(num_classes=3))
     # another dataset: no class is an old class, every row is a class mean
     assert torch.allclose(cross.old_weight[0], torch.tensor([1.0, 0.0]))
@@ -49,11 +50,11 @@ def test_raw_means_and_cross_dataset_rows():
 
 
 def test_influence_value_on_a_hand_made_case():
-    term = BCTInfluence(2.0, 0.0, "mean").bind(fake_ctx())
+    term = BCTInfluence(BCTSettings(weight=2.0)).bind(fake_ctx())
     term.prepare(fake_ctx(), SimpleNamespace(num_classes=3))
     emb = torch.tensor([[1.0, 1.0]])
     logits = emb @ term.old_weight.T  # [1, 2, 7]
     expected = 2.0 * (torch.logsumexp(logits, 1) - logits[0, 1])
     got = term(emb, None, torch.tensor([1]))
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert term.key()["old"] == "abc" and term.key()["new_rows"] == "mean"
+    assert term.key()["old"] == "abc" and term.key()["rows"] == "old+means"

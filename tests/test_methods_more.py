@@ -203,7 +203,7 @@ def test_ract_loss_matches_a_naive_loop() -> None:
     g = torch.Generator().manual_seed(0)
     new, old = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
     labels = torch.tensor([0, 1, 0, 2, 1, 2, 3])
-    t = 0.1
+    t = 0.1  # every negative (topk = 0), checked by hand below
     zn, zo = F.normalize(new, dim=1), F.normalize(old, dim=1)
     total = 0.0
     for i in range(7):
@@ -213,7 +213,7 @@ def test_ract_loss_matches_a_naive_loop() -> None:
             if labels[k] != labels[i]:
                 den += math.exp(float(zn[i] @ zo[k]) / t) + math.exp(float(zn[i] @ zn[k]) / t)
         total += -math.log(pos / den)
-    assert ract_loss(new, old, labels, t).item() == pytest.approx(total / 7, rel=1e-5)
+    assert ract_loss(new, old, labels, t, topk=0).item() == pytest.approx(total / 7, rel=1e-5)
 
 
 def test_ract_gradient_reaches_the_new_embeddings_only() -> None:
@@ -225,10 +225,11 @@ def test_ract_gradient_reaches_the_new_embeddings_only() -> None:
 
 
 def test_l2_term_by_hand() -> None:
-    new = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
-    old = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
-    # ||(1, 2)||^2 = 5 and ||(3, 4)||^2 = 25: mean 15.
-    assert l2_compat_loss(new, old).item() == pytest.approx(15.0)
+    new = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    old = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
+    # Normalised: (0.6, 0.8) vs (1, 0): 0.16 + 0.64; (0, 1) vs (1, 0): 1 + 1.
+    # Mean over 2 items x 2 dimensions: (0.8 + 2) / 4 = 0.7.
+    assert l2_compat_loss(new, old).item() == pytest.approx(0.7)
 
 
 class _LinearOld(nn.Module):
@@ -249,8 +250,8 @@ def test_extra_losses_embed_the_batch_images_with_the_old_model() -> None:
     new = torch.randn(6, 4, requires_grad=True)
     for extra, expected in (
         (
-            RACTRegularizer(weight=2.0, temperature=0.2),
-            lambda n, o: 2.0 * ract_loss(n, o, labels, 0.2),
+            RACTRegularizer(weight=2.0, temperature=0.2, topk=2),
+            lambda n, o: 2.0 * ract_loss(n, o, labels, 0.2, 2),
         ),
         (L2Compatibility(weight=0.5), lambda n, o: 0.5 * l2_compat_loss(n, o)),
     ):
@@ -278,8 +279,12 @@ def test_new_methods_are_registered_with_labels_and_configs() -> None:
     for name in NEW_METHODS:
         method = METHODS.get(name)()
         assert method.config()["name"] == name and method.label
-    assert METHODS.get("ract")().config()["temperature"] == 0.1
-    assert METHODS.get("l2_bct")().config()["weight"] == 1.0
+    assert METHODS.get("ract")().config()["settings"] == {
+        "weight": 1.0,
+        "temperature": 0.01,
+        "topk": 10,
+    }
+    assert METHODS.get("l2_bct")().config()["settings"] == {"weight": 1.0}
 
 
 # --- end to end on `tiny` -----------------------------------------------------------------------

@@ -132,7 +132,12 @@ def test_example_plugin_runs(tiny_run, capsys):
         == 0
     )
     rec = records(out)["linear_map"]
-    assert rec["method_config"] == {"name": "linear_map", "label": "Linear map", "ridge": 1e-3}
+    assert rec["method_config"] == {
+        "name": "linear_map",
+        "base": "linear_map",
+        "label": "Linear map",
+        "settings": {"ridge": 1e-3},
+    }
     assert rec["cases"]["cross"]["mAP"] > records(out)["independent"]["cases"]["cross"]["mAP"]
     assert rec["costs"]["transform_embeddings_per_s"] > 0
     capsys.readouterr()

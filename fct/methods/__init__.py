@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fct.errors import FCTError
-from fct.methods.base import METHODS, Deployment, Method, register_method
+from fct.methods.base import METHODS, Deployment, Method, Settings, make_settings, register_method
 
 # Import every built-in module explicitly, so no built-in is "unknown" for want of an import.
 from fct.methods import baselines  # noqa: E402,F401  isort: skip
@@ -17,7 +17,16 @@ from fct.methods import fastfill  # noqa: E402,F401  isort: skip
 from fct.methods import l2_bct  # noqa: E402,F401  isort: skip
 from fct.methods import ract  # noqa: E402,F401  isort: skip
 
-__all__ = ["METHODS", "Deployment", "Method", "register_method", "load_plugin", "load_entry_points"]
+__all__ = [
+    "METHODS",
+    "Deployment",
+    "Method",
+    "Settings",
+    "make_settings",
+    "register_method",
+    "load_plugin",
+    "load_entry_points",
+]
 
 ENTRY_POINT_GROUP = "fct.methods"
 

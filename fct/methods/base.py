@@ -14,15 +14,25 @@ A user's method is one small class in their own file::
 
 loaded with ``fct run SUITE --plugin my_module`` (a module name or a .py path) or through an
 entry point in the group ``fct.methods``.
+
+A method's settings are a frozen dataclass derived from ``Settings`` (typed fields with the
+paper's defaults), named by the class attribute ``Settings``; a suite sets them in
+``[methods.NAME]`` tables (suite-wide) and ``settings.NAME`` tables (per scenario), validated
+at load, and ``fct run --set NAME.KEY=VALUE`` overrides them. A table with ``base = "bct"``
+defines a *variant*: a new name for a registered method with other settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fct.registry import Registry
+from fct.errors import FCTError
+from fct.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -71,15 +81,100 @@ class Deployment:
     backfill_order_name: str = "method"
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Settings of a method: subclass it with typed fields whose defaults are the paper's.
+
+    Supported field types: bool, int, float, str, ``X | None`` of those, and
+    ``typing.Literal[...]`` for a choice. ``validate`` checks ranges (raise FCTError with the
+    bare problem; the suite loader adds where it was set). ``label`` is the display name in
+    reports; it is not part of a record's hash.
+    """
+
+    label: str = ""
+
+    def validate(self) -> None:
+        """Raise FCTError when a value is out of range (types are checked before)."""
+
+    def hashed(self) -> dict[str, Any]:
+        """Every setting but the display label: what a record's hash covers."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "label"}
+
+
+def _type_ok(value: Any, hint: Any) -> tuple[bool, str]:
+    """Whether ``value`` fits the type ``hint``, and a phrase naming the type."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return value in choices, "one of " + ", ".join(repr(c) for c in choices)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_ok(value, a) for a in typing.get_args(hint) if a is not type(None)]
+        return any(ok for ok, _ in parts), " or ".join(w for _, w in parts)
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok and value == value and abs(value) != float("inf"), "a finite number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    return False, f"a {hint}"
+
+
+def make_settings(cls: type[Settings], values: dict[str, Any]) -> Settings:
+    """``cls(**values)`` with every key and type checked and ``validate`` run.
+
+    Raises FCTError naming the unknown key (with "did you mean") or the expected type.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise FCTError(
+                f"unknown setting '{key}'{did_you_mean(key, names)}; settings: {', '.join(names)}"
+            )
+        ok, what = _type_ok(value, hints[key])
+        if not ok:
+            raise FCTError(f"setting '{key}' must be {what}, got {value!r}")
+        kwargs[key] = float(value) if hints[key] is float else value
+    settings = cls(**kwargs)
+    settings.validate()
+    return settings
+
+
 class Method:
-    """Base class of compatibility methods. Subclasses implement ``fit``."""
+    """Base class of compatibility methods. Subclasses implement ``fit``.
+
+    An instance carries its ``settings`` (an instance of the class's ``Settings``) and the
+    ``name`` it runs under: the registered name, or a variant's name from the suite.
+    """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # display name in tables (defaults to the registered name)
+    Settings: ClassVar[type[Settings]] = Settings
+
+    def __init__(self, settings: Settings | None = None, name: str | None = None) -> None:
+        self.settings = settings if settings is not None else type(self).Settings()
+        self.run_name = name or type(self).name
+
+    @property
+    def display_label(self) -> str:
+        """The label in reports: the suite's ``label`` setting, else the class's, else the name."""
+        return (
+            self.settings.label
+            or (self.label if self.run_name == type(self).name else "")
+            or (self.run_name)
+        )
 
     def config(self) -> dict[str, Any]:
-        """What configures this method (stored in run records; part of the record's hash)."""
-        return {"name": self.name, "label": self.label or self.name}
+        """What configures this method, as stored in its run records."""
+        return {**self.hash_config(), "label": self.display_label}
+
+    def hash_config(self) -> dict[str, Any]:
+        """What a record's hash covers: the run name, the registered method, its settings."""
+        return {"name": self.run_name, "base": type(self).name, "settings": self.settings.hashed()}
 
     def check(self, scenario: Scenario) -> None:
         """Raise FCTError when this method cannot run ``scenario`` (e.g. embedding sizes it

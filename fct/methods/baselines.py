@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.nn.functional as F
 
-from fct.methods.base import Deployment, Method, register_method
+from fct.errors import FCTError
+from fct.methods.base import Deployment, Method, Settings, register_method
 
 if TYPE_CHECKING:
     from fct.context import Context
-    from fct.scenarios import Scenario
+    from fct.scenarios import ModelSpec, Scenario
 
 
 @register_method("independent")
@@ -24,53 +27,89 @@ class Independent(Method):
         return Deployment(query_model=new, artifacts=(ctx.old_model(), new))
 
 
+@dataclass(frozen=True)
+class BCTSettings(Settings):
+    """BCT's settings; the defaults are the paper's form (Shen et al. 2020)."""
+
+    weight: float = 1.0  # lambda of the influence loss
+    # Rows of the old classifier the new embedding goes through: "old+means" (the paper: the
+    # frozen old classifier, plus the old model's raw class means for the classes it never
+    # saw); "means" (BT-2's pseudo-classifier: old-model class means for every class);
+    # "old+scaled-means" (an ablation: the new-class means rescaled to the old rows' norm).
+    rows: Literal["old+means", "means", "old+scaled-means"] = "old+means"
+    normalize: bool = False  # L2-normalise old and new features in the influence term (BT-2)
+    # Label smoothing of the influence term. Unset: the old model's own loss, as the paper
+    # writes both terms with the same L (cross-entropy at the old model's smoothing, or its
+    # CosFace/ArcFace margin form). A number overrides it (cross-entropy old models only).
+    smoothing: float | None = None
+
+    def validate(self) -> None:
+        """weight >= 0 and smoothing in [0, 1)."""
+        if not self.weight >= 0:
+            raise FCTError(f"setting 'weight' must be >= 0, got {self.weight}")
+        if self.smoothing is not None and not 0 <= self.smoothing < 1:
+            raise FCTError(f"setting 'smoothing' must be in [0, 1), got {self.smoothing}")
+
+
 class BCTInfluence:
-    """BCT's influence loss (Shen et al. 2020): the new embedding through the frozen old
-    classifier, whose rows for classes the old model never saw are the old model's class
-    means of those classes' training items."""
+    """BCT's influence loss: the old model's own training loss applied to the new embedding
+    through the frozen old classifier, extended with rows for the classes it never saw."""
 
     name = "bct"
 
-    def __init__(self, weight: float, smoothing: float, new_rows: str = "scaled-mean") -> None:
-        self.weight = weight
-        self.smoothing = smoothing
-        self.new_rows = new_rows
+    def __init__(self, settings: BCTSettings) -> None:
+        self.settings = settings
         self.old_weight: torch.Tensor | None = None
+        self.loss_fn = None
         self._old_digest: str | None = None
 
     def key(self) -> dict:
-        return {
-            "weight": self.weight,
-            "smoothing": self.smoothing,
-            "new_rows": self.new_rows,
-            "old": self._old_digest,
-        }
+        """The settings that shape the term (not the label) and the old model's digest."""
+        return {**self.settings.hashed(), "old": self._old_digest, "form": 2}
 
     def bind(self, ctx: Context) -> BCTInfluence:
+        """Tie the term to the context's old model (its digest enters the cache key)."""
         self._old_digest = ctx.old_model().digest
         return self
 
     def prepare(self, ctx: Context, model: torch.nn.Module) -> None:
-        from fct.losses import synthesize_old_classifier
+        """Build the extended old classifier and the old model's loss before training."""
+        from fct.losses import make_loss, synthesize_old_classifier
 
+        st = self.settings
         old = ctx.old_model()
         feats, labels = ctx.embed(old, "new-train")
+        if st.normalize:
+            feats = F.normalize(feats.float(), dim=1)
         weight = old.module.classifier.weight.detach().cpu()
-        if ctx.scenario.old.dataset != ctx.scenario.new.dataset:
-            # Cross-dataset: no new class is an old class, so every row is a class mean.
+        if st.rows == "means" or ctx.scenario.old.dataset != ctx.scenario.new.dataset:
+            # BT-2's pseudo-classifier; or cross-dataset, where no new class is an old class.
             weight = weight[:0]
         rows = synthesize_old_classifier(weight, feats, labels, model.num_classes)
         n_old = len(weight)
-        if self.new_rows == "scaled-mean" and 0 < n_old < len(rows):
+        if st.rows == "old+scaled-means" and 0 < n_old < len(rows):
             scale = weight.norm(dim=1).mean()
             synth = rows[n_old:]
             rows[n_old:] = synth / synth.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
         self.old_weight = rows.to(ctx.device)
+        name, args = influence_loss_args(ctx.scenario.old, st)
+        self.loss_fn = make_loss(name, **args)
 
     def __call__(self, embedding, logits, labels):
-        from fct.losses import bct_influence_loss
+        emb = embedding.float()
+        if self.settings.normalize:
+            emb = F.normalize(emb, dim=1)
+        w = self.old_weight
+        return self.settings.weight * self.loss_fn(emb, emb @ w.T, labels, w)
 
-        return self.weight * bct_influence_loss(embedding, self.old_weight, labels, self.smoothing)
+
+def influence_loss_args(old: ModelSpec, settings: BCTSettings) -> tuple[str, dict]:
+    """(loss name, arguments) of the influence term: the old model's own training loss, with
+    the ``smoothing`` setting in place of its own when given."""
+    args = dict(old.loss_args)
+    if settings.smoothing is not None:
+        args["smoothing"] = settings.smoothing
+    return old.loss, args
 
 
 @register_method("bct")
@@ -79,19 +118,27 @@ class BCT(Method):
     its queries search the untouched old gallery."""
 
     label = "BCT"
+    Settings = BCTSettings
 
     def check(self, scenario: Scenario) -> None:
-        """The old classifier takes the new embedding: old and new sizes must be equal."""
+        """Equal embedding sizes, an old model with a classifier, a usable smoothing."""
         from fct.losses import check_bct_dims
 
         check_bct_dims(scenario.old.embedding_dim, scenario.new.embedding_dim)
+        if scenario.old.loss not in ("ce", "cosface", "arcface"):
+            raise FCTError(
+                f"BCT's influence loss goes through the old classifier, but the old model is "
+                f"trained with {scenario.old.loss}, which trains none; use fct or l2_bct"
+            )
+        if self.settings.smoothing is not None and scenario.old.loss != "ce":
+            raise FCTError(
+                f"setting 'smoothing' applies to a cross-entropy old model; this one uses "
+                f"{scenario.old.loss}: remove the setting"
+            )
 
     def fit(self, ctx: Context) -> Deployment:
-        sc = ctx.scenario
-        self.check(sc)
-        new = ctx.new_model(
-            extra=BCTInfluence(sc.bct.weight, sc.bct.smoothing, sc.bct.new_rows).bind(ctx)
-        )
+        self.check(ctx.scenario)
+        new = ctx.new_model(extra=BCTInfluence(self.settings).bind(ctx), tag=self.run_name)
         return Deployment(query_model=new, artifacts=(ctx.old_model(), new))
 
 

@@ -9,6 +9,7 @@ backfilled first (the "uncertainty" backfilling curve).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fct.errors import FCTError
-from fct.methods.base import Deployment, Method, register_method
+from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.models import Transformation
 from fct.scenarios import config_hash
 from fct.train import isolated_rng
@@ -120,6 +121,18 @@ def _uses_classifier(spec: ModelSpec) -> bool:
     return spec.loss != "supcon"
 
 
+@dataclass(frozen=True)
+class FastFillSettings(Settings):
+    """FastFill's settings: the label smoothing of its classification term (paper: 0.1)."""
+
+    smoothing: float = 0.1
+
+    def validate(self) -> None:
+        """smoothing in [0, 1)."""
+        if not 0 <= self.smoothing < 1:
+            raise FCTError(f"setting 'smoothing' must be in [0, 1), got {self.smoothing}")
+
+
 @register_method("fastfill")
 class FastFill(Method):
     """FastFill: FCT's h trained with a classification term and an uncertainty head.
@@ -128,11 +141,7 @@ class FastFill(Method):
 
     label = "FastFill"
     use_side = False
-    smoothing = 0.1
-
-    def config(self) -> dict:
-        """Name, label and the label smoothing of the classification term."""
-        return {**super().config(), "smoothing": self.smoothing}
+    Settings = FastFillSettings
 
     def check(self, scenario: Scenario) -> None:
         """fastfill_side needs the scenario's side-information model."""
@@ -159,7 +168,7 @@ class FastFill(Method):
             module = UncertainTransformation(*dims, spec.hidden)
         use_ce = _uses_classifier(new.spec)
         weight = new.module.classifier.weight.detach().clone().to(ctx.device)
-        smoothing = self.smoothing
+        smoothing = self.settings.smoothing
         if use_ce:
             _check_labels(ctx, old, spec.train_on, weight.shape[0])
 

@@ -1,16 +1,18 @@
 """L2-BCT: backward compatibility by regression. The new model is trained with its usual loss
-plus the squared L2 distance between its embedding and the frozen old model's embedding of the
-same image, so its queries search the untouched old gallery (the "L2" baseline of the
+plus the mean squared error between its L2-normalised embedding and the frozen old model's
+L2-normalised embedding of the same image, so its queries search the untouched old gallery (the "L2" baseline of the
 compatible-training literature, e.g. Meng et al. 2021, Zhang et al. 2022)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from fct.errors import FCTError
-from fct.methods.base import Deployment, Method, register_method
+from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.methods.old_batch import OldBatchLoss, check_equal_dims
 
 if TYPE_CHECKING:
@@ -19,22 +21,36 @@ if TYPE_CHECKING:
 
 
 def l2_compat_loss(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Mean over items of the squared L2 distance ``||new_i - old_i||^2``; new, old ``[N, d]``.
-
-    Summed over dimensions, not averaged: averaged, the term's gradient per dimension would
-    shrink with d and a weight of 1 would barely act on a 128-d embedding.
-    """
+    """Mean squared error between the L2-normalised new and old embeddings of the same items,
+    averaged over batch and dimensions: ``mean_ij (n_ij - o_ij)^2`` with ``n = new/||new||``,
+    ``o = old/||old||``; new, old ``[N, d]`` (the reference, OpenCompatible's ``l2``)."""
     if new.shape != old.shape:
         raise FCTError(
             f"L2-BCT compares new and old embeddings of one size, got {tuple(new.shape)} and {tuple(old.shape)}"
         )
-    return (new - old.detach()).pow(2).sum(1).mean()
+    return F.mse_loss(F.normalize(new, dim=1), F.normalize(old.detach(), dim=1))
+
+
+@dataclass(frozen=True)
+class L2BCTSettings(Settings):
+    """L2-BCT's settings: the weight of the regression term (reference: 1)."""
+
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        """weight >= 0."""
+        if not self.weight >= 0:
+            raise FCTError(f"setting 'weight' must be >= 0, got {self.weight}")
 
 
 class L2Compatibility(OldBatchLoss):
     """L2-BCT's regression term as an ExtraLoss of the new model's training."""
 
     name = "l2_bct"
+
+    def params(self) -> dict:
+        """The form of the term (normalised MSE), so older cached models are not reused."""
+        return {"form": "normalized-mse"}
 
     def term(self, new: torch.Tensor, old: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``l2_compat_loss`` of the batch (labels unused)."""
@@ -48,11 +64,7 @@ class L2BCT(Method):
     The gallery keeps the old embeddings."""
 
     label = "L2-BCT"
-    weight = 1.0
-
-    def config(self) -> dict:
-        """Name, label and the L2 term's weight."""
-        return {**super().config(), "weight": self.weight}
+    Settings = L2BCTSettings
 
     def check(self, scenario: Scenario) -> None:
         """The new embedding is compared with the old one: their sizes must be equal."""
@@ -60,5 +72,7 @@ class L2BCT(Method):
 
     def fit(self, ctx: Context) -> Deployment:
         self.check(ctx.scenario)
-        new = ctx.new_model(extra=L2Compatibility(self.weight).bind(ctx))
+        new = ctx.new_model(
+            extra=L2Compatibility(self.settings.weight).bind(ctx), tag=self.run_name
+        )
         return Deployment(query_model=new, artifacts=(ctx.old_model(), new))
