@@ -15,7 +15,7 @@ from fct.io import write_text
 from fct.report.leaderboard import leaderboard_table, reference_table
 from fct.report.render import to_html
 from fct.report.summary import Summary, slug
-from fct.report.tables import ScenarioTables
+from fct.report.tables import BACKFILL_TITLE, ScenarioTables
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -74,6 +74,9 @@ def index_html(summary: Summary, tables: list[ScenarioTables], plots: dict[str, 
         parts.append(f'<h2 id="{_anchor(t.scenario)}">{esc(t.scenario)}</h2>')
         parts.append("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in t.description) + "</ul>")
         parts.append(f'<div class="scroll">{to_html(t.paper, t.caption)}</div>')
+        if t.backfill is not None:
+            parts.append(f"<h3>{esc(BACKFILL_TITLE)}</h3>")
+            parts.append(f'<div class="scroll">{to_html(t.backfill)}</div>')
         if f"bars_{name}" in plots:
             parts.append(_img(plots[f"bars_{name}"], f"{t.scenario}: cross accuracy per method"))
         if f"curves_{name}" in plots:

@@ -15,10 +15,14 @@ from pathlib import Path
 from fct.io import write_text
 from fct.report.metric_table import DASH, METRICS, auc_metric, csv_value
 from fct.report.render import Table, csv_cell, md_escape, md_line, to_markdown
-from fct.report.summary import Cell, Summary
+from fct.report.summary import WITHIN_STD, Cell, Summary
 
 #: Per-scenario leaderboard columns, by metric-table key.
 SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_cost_mAP")
+#: Diagnostic columns, shown when any record has them (older records leave them blank): the
+#: cross case under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
+COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
+NORM_METRICS = ("cross_norm_ratio",)
 #: Averaged over scenarios; the last one orders the board.
 MEAN_METRICS = ("cross_top1", "cross_mAP")
 SORT_METRIC = "cross_mAP"
@@ -28,6 +32,18 @@ CHECK, CROSS = "✓", "✗"
 CRITERION = (
     f"{CHECK} compatible: cross top-1 > old/old top-1 and cross mAP > old/old mAP "
     "(BCT's criterion; on the seed means)."
+)
+WITHIN_NOTE = (
+    f"({CHECK}) / ({CROSS}), '{WITHIN_STD}' in the CSV: several seeds ran and the margin the "
+    "verdict rests on (cross − old/old, seed means, top-1 or mAP) is no larger than the sample "
+    "standard deviation of the cross case's values over seeds, so other seeds could flip it. "
+    f"({CHECK}): either margin is that small; ({CROSS}): every failing margin is."
+)
+DIAGNOSTICS = (
+    "cos top-1 / cos mAP: the cross case under cosine distance (the paper tables keep the "
+    "scenario's own distance); a gap to the cross columns means the embeddings' scale matters. "
+    "norm ratio: mean norm of the cross case's queries / mean norm of its gallery (1 = same "
+    "scale). Blank: the record predates these measurements."
 )
 DEFINITIONS = (
     "cross: queries embedded by the new model against the updated gallery. "
@@ -50,8 +66,16 @@ class Row:
 
 
 def scenario_metrics(summary: Summary) -> list[str]:
-    """The per-scenario metric keys, with AUC columns when any record has backfilling curves."""
-    return [*SCENARIO_METRICS, *(f"auc_{o}" for o in summary.auc_orders)]
+    """The per-scenario metric keys, with AUC columns when any record has backfilling curves
+    and the cosine / norm-ratio columns when any record measured them."""
+    keys = [*SCENARIO_METRICS]
+    if any(r.get("cases_cosine") for r in summary.records):
+        keys += COSINE_METRICS
+    if any(
+        (r.get("diagnostics") or {}).get("cross_norm_ratio") is not None for r in summary.records
+    ):
+        keys += NORM_METRICS
+    return [*keys, *(f"auc_{o}" for o in summary.auc_orders)]
 
 
 def _metric(key: str):
@@ -82,9 +106,16 @@ def leaderboard_rows(summary: Summary) -> list[Row]:
 
 
 def _mark(cell: Cell | None, yes: str, no: str) -> str:
+    """The CSV's ``yes`` / ``no`` (with `` (within 1 std)``)."""
+    return "" if cell is None else cell.verdict(yes, no)
+
+
+def _symbol(cell: Cell | None) -> str:
+    """The Markdown / HTML mark: ✓ or ✗, in parentheses when within one std."""
     if cell is None:
-        return ""
-    return yes if cell.compatible else no
+        return DASH
+    mark = CHECK if cell.compatible else CROSS
+    return f"({mark})" if cell.within_std else mark
 
 
 def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
@@ -147,11 +178,14 @@ def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
             for k in keys:
                 stat = cell.stats[k] if cell else None
                 line.append(_metric(k).format(stat.mean, stat.std) if stat else DASH)
-            line.append(_mark(cell, CHECK, CROSS) or DASH)
+            line.append(_symbol(cell))
         body.append(line)
     notes = [CRITERION, DEFINITIONS]
+    if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS)):
+        notes.append(DIAGNOSTICS)
     if summary.multi_seed:
         notes.append("With several seeds: mean ± sample standard deviation over seeds.")
+        notes.append(WITHIN_NOTE)
     return Table(header, body, ["r", "l"] + ["r"] * (len(header) - 2), groups, notes=notes)
 
 
@@ -176,7 +210,7 @@ def reference_table(summary: Summary) -> Table:
             for k in ("top1", "mAP"):
                 stat = cell.stats[f"{case}_{k}"] if cell else None
                 line.append(METRICS[f"{case}_{k}"].format(stat.mean, stat.std) if stat else DASH)
-        if new is not None and new.method != "independent":
+        if new is not None and new.base != "independent":
             line[0] += f" (new/new from {new.label})"
         body.append(line)
     return Table(header, body, ["l", "r", "r", "r", "r"])

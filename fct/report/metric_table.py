@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fct.report.records import method_base
+
 Record = dict[str, Any]
 Extract = Callable[[Record, "dict[str, Any] | None"], "float | None"]
 
@@ -30,7 +32,9 @@ class Metric:
     ``description`` labels plot axes and the docs. ``lim`` is the valid range, used as axis
     limits (``None`` on a side means "let the data decide"). ``signed`` shows a leading ``+``
     (for differences); ``log`` asks plots for a log axis; ``sci`` allows scientific notation
-    for values too large or small for ``decimals`` (throughputs, per-item costs).
+    for values too large or small for ``decimals`` (throughputs, per-item costs). ``ideal``,
+    when set, is the best value and overrides ``higher_is_better`` as the direction (a ratio
+    whose best is 1 is neither "higher" nor "lower" is better).
     """
 
     key: str
@@ -44,13 +48,20 @@ class Metric:
     signed: bool = False
     log: bool = False
     sci: bool = False
+    ideal: float | None = None
+
+    @property
+    def direction(self) -> str:
+        """``higher is better``, ``lower is better`` or ``closer to 1 is better``."""
+        if self.ideal is not None:
+            return f"closer to {self.ideal:g} is better"
+        return f"{'higher' if self.higher_is_better else 'lower'} is better"
 
     @property
     def axis_label(self) -> str:
         """Axis label with unit and direction, e.g. ``cross mAP (%, higher is better)``."""
         unit = f"{self.unit}, " if self.unit else ""
-        better = "higher" if self.higher_is_better else "lower"
-        return f"{self.description} ({unit}{better} is better)"
+        return f"{self.description} ({unit}{self.direction})"
 
     def format(self, mean: float | None, std: float | None = None) -> str:
         """Human-readable value: ``50.6``, ``+1.2`` or ``50.6 ± 0.3`` (std shown when given)."""
@@ -94,6 +105,23 @@ def _case(case: str, key: str) -> Extract:
     return extract
 
 
+def _cosine_case(case: str, key: str) -> Extract:
+    # Records written before the cosine cases existed have no ``cases_cosine``: blank.
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = ((rec.get("cases_cosine") or {}).get(case) or {}).get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
+def _diagnostic(key: str) -> Extract:
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = (rec.get("diagnostics") or {}).get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
 def _cost(key: str) -> Extract:
     def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
         value = rec["costs"].get(key)
@@ -111,7 +139,7 @@ def _gain(key: str) -> Extract:
 
 def _new_new_cost(key: str) -> Extract:
     def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
-        if rec["method"] == "independent":
+        if method_base(rec) == "independent":
             return 0.0  # by definition: Independent is the baseline new model
         if ref is None:
             return None
@@ -208,6 +236,36 @@ METRICS.update(
                 signed=True,
             ),
             Metric(
+                key="cross_cos_top1",
+                label="cos top-1",
+                description="cross CMC top-1 under cosine distance",
+                unit="%",
+                higher_is_better=True,
+                extract=_cosine_case("cross", "top1"),
+                lim=PERCENT,
+            ),
+            Metric(
+                key="cross_cos_mAP",
+                label="cos mAP",
+                description="cross mAP under cosine distance",
+                unit="%",
+                higher_is_better=True,
+                extract=_cosine_case("cross", "mAP"),
+                lim=PERCENT,
+            ),
+            Metric(
+                key="cross_norm_ratio",
+                label="norm ratio",
+                description="cross case: mean query norm / mean gallery norm",
+                unit="",
+                higher_is_better=False,  # superseded by ideal: 1 means the same scale
+                extract=_diagnostic("cross_norm_ratio"),
+                lim=(0.0, None),
+                decimals=2,
+                sci=True,
+                ideal=1.0,
+            ),
+            Metric(
                 key="backfill_fraction",
                 label="backfilled",
                 description="fraction of the gallery re-encoded by the new model",
@@ -287,6 +345,24 @@ def auc_metric(order: str) -> Metric:
         key=f"auc_{order}",
         label=f"AUC {order}",
         description=f"area under the backfilling curve, {order} order",
+        unit="%",
+        higher_is_better=True,
+        extract=extract,
+        lim=PERCENT,
+    )
+
+
+def auc_top1_metric(order: str) -> Metric:
+    """The top-1 counterpart of :func:`auc_metric` (``backfill_curves.auc_top1``)."""
+
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = ((rec.get("backfill_curves") or {}).get("auc_top1") or {}).get(order)
+        return None if value is None else float(value)
+
+    return Metric(
+        key=f"top1_auc_{order}",  # not "auc_...": an order may be named "top1_x"
+        label=f"AUC top-1 {order}",
+        description=f"area under the top-1 backfilling curve, {order} order",
         unit="%",
         higher_is_better=True,
         extract=extract,

@@ -193,7 +193,10 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
 
 #: Optional keys the report shows, with the type it needs to show them.
 _SHOWN = (
+    ("label", "str"),
     ("method_config.label", "str"),
+    ("method_config.base", "str"),
+    ("method_config.settings", "dict"),
     ("scenario_config.description", "str"),
     ("scenario_config.kinds", "list"),
     ("scenario_config.paper", "bool"),
@@ -202,6 +205,17 @@ _SHOWN = (
     ("scenario_config.side", "dict"),
     ("scenario_config.eval", "dict"),
     ("scenario_config.eval.dataset", "str"),
+    ("scenario_config.eval.distance", "str"),
+    ("scenario_config.protocol", "str"),
+    ("scenario_config.transformation", "dict"),
+    ("scenario_config.transformation.features", "str"),
+    ("scenario_config.transformation.views", "int"),
+    ("scenario_config.side.dataset", "str"),
+    ("cases_cosine", "dict"),
+    ("diagnostics", "dict"),
+    ("diagnostics.cross_norm_ratio", "number"),
+    ("backfill_curves", "dict"),
+    ("backfill_curves.auc_top1", "dict"),
 )
 
 
@@ -209,12 +223,28 @@ def _validate_shown(rec: dict[str, Any], path: Path) -> None:
     """The optional keys the report reads for labels and descriptions: absent, null or typed."""
     for dotted, kind in _SHOWN:
         _optional(rec, path, dotted, kind)
-    label = rec["method_config"].get("label")
-    if isinstance(label, str) and len(label) > NAME_MAX:
-        raise FCTError(
-            f"{path}: key 'method_config.label' is {len(label)} characters, over {NAME_MAX}; "
-            f"{_hint(rec)}"
-        )
+    for dotted, value in (
+        ("label", rec.get("label")),
+        ("method_config.label", rec["method_config"].get("label")),
+        ("method_config.base", rec["method_config"].get("base")),
+    ):
+        if isinstance(value, str) and len(value) > NAME_MAX:
+            raise FCTError(
+                f"{path}: key '{dotted}' is {len(value)} characters, over {NAME_MAX}; {_hint(rec)}"
+            )
+    # The cosine cases and top-1 AUCs are shown as numbers: each one present must be one.
+    for case in CASES:
+        _optional(rec, path, f"cases_cosine.{case}", "dict")
+        for metric in CASE_METRICS:
+            _optional(rec, path, f"cases_cosine.{case}.{metric}", "number")
+    auc_top1 = (rec.get("backfill_curves") or {}).get("auc_top1") or {}
+    for order, value in auc_top1.items():
+        # Checked here, not with _require: an order name may contain a dot.
+        if not _is_kind(value, "number|null"):
+            raise FCTError(
+                f"{path}: key 'backfill_curves.auc_top1' holds {_shown(value)} for order "
+                f"{_shown(order)}, not a finite number; {_hint(rec)}"
+            )
 
 
 def _validate_artifacts(rec: dict[str, Any], path: Path) -> None:
@@ -248,6 +278,30 @@ def _validate_curves(rec: dict[str, Any], path: Path) -> None:
             if not ok:
                 want = "a number" if key == "auc" else "a non-empty list of numbers"
                 raise FCTError(f"{path}: key '{key}.{order}' must be {want}; {_hint(rec)}")
+
+
+def method_base(rec: dict[str, Any]) -> str:
+    """The registered method a record ran: ``method_config.base``, else its run name.
+
+    A suite variant (``bct_scaled``) names its base (``bct``); records written before variants
+    existed have no ``base``, and their run name was the registered name.
+    """
+    base = rec["method_config"].get("base")
+    return base.strip() if isinstance(base, str) and base.strip() else rec["method"]
+
+
+def method_settings(rec: dict[str, Any]) -> dict[str, Any]:
+    """The method's settings (``method_config.settings``); empty for older records."""
+    settings = rec["method_config"].get("settings")
+    return settings if isinstance(settings, dict) else {}
+
+
+def record_label(rec: dict[str, Any]) -> str | None:
+    """The display label a record gives its method: ``label``, else ``method_config.label``."""
+    for label in (rec.get("label"), rec["method_config"].get("label")):
+        if isinstance(label, str) and label.strip():
+            return label.strip()
+    return None
 
 
 def _record_files(folder: Path) -> list[Path]:

@@ -13,12 +13,19 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from fct.report.metric_table import METRICS, Metric, auc_metric
-from fct.report.records import CASE_METRICS, CASES, parse_date
+from fct.report.metric_table import METRICS, Metric, auc_metric, auc_top1_metric
+from fct.report.records import (
+    CASE_METRICS,
+    CASES,
+    method_base,
+    parse_date,
+    record_label,
+)
 
 log = logging.getLogger(__name__)
 
-#: Display order of the built-in methods; others follow alphabetically.
+#: Display order of the built-in methods (by registered name, ``method_config.base``); a
+#: suite's variants follow their base, plugins come last, by name.
 METHOD_ORDER = (
     "independent",
     "bct",
@@ -39,9 +46,13 @@ DEFAULT_LABELS = {
     "ract": "RACT",
     "l2_bct": "L2-BCT",
 }
-#: Methods that leave the new model as Independent trains it, so their new/new is its new/new
-#: (used for the new/new reference line when Independent was not run).
+#: Registered methods that leave the new model as Independent trains it, so their new/new is
+#: its new/new (used when the records' artifact digests cannot tell).
 UNCHANGED_NEW_MODEL = ("independent", "fct", "fct_side", "fastfill", "fastfill_side")
+#: Registered methods that train a new model of their own (a compatibility loss on it).
+OWN_NEW_MODEL = ("bct", "ract", "l2_bct")
+#: What a verdict whose margin is within one standard deviation says (CSV and notes).
+WITHIN_STD = "within 1 std"
 
 #: old/old should be identical across methods of a scenario (same old model); a larger gap
 #: means runs from different old models were merged.
@@ -75,6 +86,7 @@ class Cell:
     label: str
     records: list[dict[str, Any]]
     stats: dict[str, Stat] = field(default_factory=dict)
+    base: str = ""
 
     @property
     def seeds(self) -> list[int]:
@@ -89,9 +101,34 @@ class Cell:
     @property
     def compatible(self) -> bool:
         """BCT's criterion on seed means: cross beats old/old on both top-1 and mAP."""
-        return self.mean("cross_top1") > self.mean("old_old_top1") and self.mean(
-            "cross_mAP"
-        ) > self.mean("old_old_mAP")
+        return all(margin > 0 for margin, _ in self.margins())
+
+    def margins(self) -> list[tuple[float, float | None]]:
+        """(cross − old/old seed mean, sample std of the cross case over seeds) for top-1 and
+        mAP, the two measures of the criterion; the std is None with fewer than 2 seeds."""
+        return [
+            (self.mean(f"cross_{k}") - self.mean(f"old_old_{k}"), self.stats[f"cross_{k}"].std)
+            for k in ("top1", "mAP")
+        ]
+
+    @property
+    def within_std(self) -> bool:
+        """True when the verdict rests on a margin no larger than the seeds' spread.
+
+        With several seeds, a margin counts as within noise when its size is at most the
+        cross case's sample standard deviation over seeds. "Compatible" is then uncertain
+        when either margin is; "not compatible" when every failing margin is.
+        """
+        margins = self.margins()
+        if not self.compatible:
+            margins = [(m, s) for m, s in margins if m <= 0]
+        near = [s is not None and abs(m) <= s for m, s in margins]
+        return any(near) if self.compatible else all(near)
+
+    def verdict(self, yes: str, no: str) -> str:
+        """``yes`` or ``no`` by the criterion, with `` (within 1 std)`` when uncertain."""
+        text = yes if self.compatible else no
+        return f"{text} ({WITHIN_STD})" if self.within_std else text
 
 
 @dataclass
@@ -106,6 +143,7 @@ class Summary:
     configs: dict[str, dict[str, Any]]
     cells: dict[tuple[str, str], Cell]
     auc_orders: list[str]
+    bases: dict[str, str] = field(default_factory=dict)
 
     @property
     def multi_seed(self) -> bool:
@@ -120,19 +158,52 @@ class Summary:
         """The methods run on ``scenario``, in display order."""
         return [m for m in self.methods if (scenario, m) in self.cells]
 
+    def base(self, method: str) -> str:
+        """The registered method ``method`` ran (itself unless it is a suite variant)."""
+        return self.bases.get(method, method)
+
+    def independent(self, scenario: str) -> str | None:
+        """The run that is Independent on ``scenario``: ``independent``, else a variant of it."""
+        # Display order puts ``independent`` itself before its variants.
+        return next((m for m in self.methods_in(scenario) if self.base(m) == "independent"), None)
+
+    def shares_new_model(self, scenario: str, method: str) -> bool | None:
+        """Whether ``method`` queries with Independent's new model on ``scenario``.
+
+        Decided by the records' artifact digests where both carry them: the method used
+        Independent's new model when its record lists every ``models/`` digest of Independent's
+        record of the same seed. Else by the registered method (``method_config.base``): FCT,
+        FastFill and their side-info forms keep it; BCT, RACT and L2-BCT train their own.
+        None for a plugin without artifacts: the caller compares the numbers.
+        """
+        base = self.base(method)
+        if base == "independent":
+            return True
+        ind = self.independent(scenario)
+        if ind is not None and ind != method:
+            same = _same_new_model(self.cells[(scenario, ind)], self.cells[(scenario, method)])
+            if same is not None:
+                return same
+        if base in UNCHANGED_NEW_MODEL:
+            return True
+        if base in OWN_NEW_MODEL:
+            return False
+        return None
+
     def reference(self, scenario: str, case: str) -> Cell | None:
         """The cell whose ``case`` row is the scenario's reference old/old or new/new.
 
         old/old is the same old model for every method: Independent's, else the first run.
-        new/new is Independent's, else that of a method that does not change the new model.
+        new/new is Independent's, else that of a method that uses Independent's new model.
         """
         candidates = (
             self.methods_in(scenario)
             if case == "old/old"
-            else [m for m in UNCHANGED_NEW_MODEL if (scenario, m) in self.cells]
+            else [m for m in self.methods_in(scenario) if self.shares_new_model(scenario, m)]
         )
-        if "independent" in candidates:
-            return self.cells[(scenario, "independent")]
+        ind = self.independent(scenario)
+        if ind in candidates:
+            return self.cells[(scenario, ind)]
         return self.cells[(scenario, candidates[0])] if candidates else None
 
     def header(self) -> str:
@@ -152,18 +223,39 @@ class Summary:
         )
 
 
-def method_sort_key(method: str) -> tuple[int, str]:
-    """Built-in methods in their fixed order, then plugins by name."""
-    if method in METHOD_ORDER:
-        return (METHOD_ORDER.index(method), "")
-    return (len(METHOD_ORDER), method)
+def method_sort_key(method: str, base: str | None = None) -> tuple[int, str, bool, str]:
+    """Built-in methods in METHOD_ORDER by their registered ``base``, each followed by its
+    suite variants (by name); then plugins by base name, again with their variants after."""
+    base = base or method
+    group = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    return (group, "" if base in METHOD_ORDER else base, method != base, method)
+
+
+def _same_new_model(ind: Cell, cell: Cell) -> bool | None:
+    """Whether ``cell``'s records list Independent's new-model digests (seed by seed); None
+    when no seed of both carries artifacts."""
+    by_seed = {r["seed"]: r for r in ind.records}
+    verdicts = []
+    for rec in cell.records:
+        other = by_seed.get(rec["seed"])
+        mine = rec.get("artifacts") or {}
+        theirs = (other or {}).get("artifacts") or {}
+        # Independent lists its old and its new model: a run that queried with Independent's
+        # new model lists both digests too; one with its own new model lacks the second.
+        models = {d for k, d in theirs.items() if k.startswith("models/")} or set(theirs.values())
+        if models and mine:
+            verdicts.append(models <= set(mine.values()))
+    return all(verdicts) if verdicts else None
 
 
 def _reference_cases(
-    by_key: dict[tuple[str, str], list[dict[str, Any]]], scenario: str, seed: int
+    by_key: dict[tuple[str, str], list[dict[str, Any]]],
+    scenario: str,
+    seed: int,
+    independent: str | None,
 ) -> dict[str, Any] | None:
     """Independent's cases for this scenario: same seed, else the mean over its seeds."""
-    runs = by_key.get((scenario, "independent"))
+    runs = by_key.get((scenario, independent)) if independent else None
     if not runs:
         return None
     for rec in runs:
@@ -177,7 +269,11 @@ def _reference_cases(
 
 def metrics_for(summary_auc_orders: list[str]) -> list[Metric]:
     """The metric-table entries summarised for every cell (AUC ones only when present)."""
-    return [*METRICS.values(), *(auc_metric(o) for o in summary_auc_orders)]
+    return [
+        *METRICS.values(),
+        *(auc_metric(o) for o in summary_auc_orders),
+        *(auc_top1_metric(o) for o in summary_auc_orders),
+    ]
 
 
 def summarize(records: list[dict[str, Any]], suite: str) -> Summary:
@@ -187,15 +283,26 @@ def summarize(records: list[dict[str, Any]], suite: str) -> Summary:
         by_key.setdefault((rec["scenario"], rec["method"]), []).append(rec)
 
     scenarios = sorted({s for s, _ in by_key})
-    methods = sorted({m for _, m in by_key}, key=method_sort_key)
-    labels = {m: DEFAULT_LABELS.get(m, m) for m in methods}
+    bases: dict[str, str] = {}
+    labels: dict[str, str] = {}
     for (_, m), runs in sorted(by_key.items()):
-        label = runs[0]["method_config"].get("label")
-        if isinstance(label, str) and label.strip():
-            labels[m] = label.strip()
+        # The first record (by scenario, then seed) that names a base or a label decides.
+        bases.setdefault(m, method_base(runs[0]))
+        label = record_label(runs[0])
+        if label is not None:
+            labels.setdefault(m, label)
+    methods = sorted(bases, key=lambda m: method_sort_key(m, bases[m]))
+    for m in methods:
+        labels.setdefault(m, DEFAULT_LABELS.get(m, m))
+    # Per scenario, the run every new/new cost is measured against: Independent (or a variant
+    # of it when only that ran).
+    independent = {
+        s: next((m for m in methods if bases[m] == "independent" and (s, m) in by_key), None)
+        for s in scenarios
+    }
     configs: dict[str, dict[str, Any]] = {}
     for s in scenarios:
-        first = by_key.get((s, "independent")) or next(
+        first = by_key.get((s, independent[s])) or next(
             v for (s2, _), v in by_key.items() if s2 == s
         )
         configs[s] = first[0]["scenario_config"]
@@ -206,14 +313,16 @@ def summarize(records: list[dict[str, Any]], suite: str) -> Summary:
     for (s, m), runs in by_key.items():
         per_metric: dict[str, list[float | None]] = {mt.key: [] for mt in metrics}
         for rec in runs:
-            ref = _reference_cases(by_key, s, rec["seed"])
+            ref = _reference_cases(by_key, s, rec["seed"], independent[s])
             for mt in metrics:
                 per_metric[mt.key].append(mt.extract(rec, ref))
         stats = {k: Stat.of(v) for k, v in per_metric.items()}
-        cells[(s, m)] = Cell(s, m, labels[m], runs, stats)
+        cells[(s, m)] = Cell(s, m, labels[m], runs, stats, bases[m])
 
     _warn_old_old_mismatch(cells, scenarios)
-    return Summary(suite, list(records), scenarios, methods, labels, configs, cells, auc_orders)
+    return Summary(
+        suite, list(records), scenarios, methods, labels, configs, cells, auc_orders, bases
+    )
 
 
 def _warn_old_old_mismatch(cells: dict[tuple[str, str], Cell], scenarios: list[str]) -> None:

@@ -1,10 +1,13 @@
 """Paper-style tables, one per scenario: ``tables/SCENARIO.md`` and ``tables/SCENARIO.tex``.
 
 Rows as in the FCT paper: the reference cases old/old and new/new, then each method's cross
-case; BCT (and any method whose own new model differs from Independent's) also gets a
-"LABEL new/new" row, because lowering new/new is the price BCT pays. For scenarios marked
-``"paper": true`` a "Published" column group shows the numbers of
-``fct/reference/published_results.csv`` for the same dataset, case and method.
+case; a method that trains its own new model (BCT, RACT, L2-BCT, their variants, a plugin
+whose new model is not Independent's) also gets a "LABEL new/new" row, because lowering
+new/new is the price BCT pays. For scenarios marked ``"paper": true`` a "Published" column
+group shows the numbers of ``fct/reference/published_results.csv`` whose source's setup
+matches the scenario (fct.report.published), with a footnote mark where the setups differ in
+a named way. Scenarios with backfilling curves also get a table of their AUCs, beside the
+published AUCs where those match.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from typing import Any
 
 from fct.io import write_text
 from fct.report import published
-from fct.report.metric_table import DASH, METRICS
-from fct.report.records import CASES
+from fct.report.metric_table import DASH, METRICS, auc_metric, auc_top1_metric
+from fct.report.records import CASES, method_settings
 from fct.report.render import Table, md_escape, md_line, to_latex, to_markdown
-from fct.report.summary import UNCHANGED_NEW_MODEL, Cell, Summary, slug
+from fct.report.summary import Cell, Summary, slug
 
 CASE_COLUMNS = (("top1", "CMC top-1"), ("top5", "CMC top-5"), ("mAP", "mAP"), ("mAP@R", "mAP@R"))
 PUBLISHED_COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("mAP", "mAP"))
@@ -33,6 +36,15 @@ COST_METRICS = (
 #: this (percentage points): below it the difference is seed noise or rounding.
 NEW_NEW_TOLERANCE = 0.05
 
+#: The published identity of the old/old and new/new reference rows.
+INDEPENDENT = ("independent", False)
+PUBLISHED_NOTE = (
+    "Published: numbers from fct/reference/published_results.csv whose source trained and "
+    "evaluated in this scenario's setup (sources: fct/reference/README.md); where a number was "
+    "published twice the most recent is shown; a mark [x] names a difference in setup."
+)
+BACKFILL_TITLE = "Backfilling (area under the curve)"
+
 
 @dataclass
 class ScenarioTables:
@@ -43,6 +55,7 @@ class ScenarioTables:
     costs: Table
     caption: str
     description: list[str]
+    backfill: Table | None = None
 
 
 def is_paper(config: dict[str, Any]) -> bool:
@@ -64,19 +77,51 @@ def _case_cells(cell: Cell | None, case: str) -> list[str]:
     return out
 
 
-def _published_cells(pub: published.Published | None) -> list[str]:
-    if pub is None:
+class Footnotes:
+    """Marks ``[a]``, ``[b]``... for the named differences between a published setup and the
+    scenario's; one mark per distinct text, in order of first use."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, str] = {}
+
+    def mark(self, texts: tuple[str, ...]) -> str:
+        """`` [a]`` / `` [a,b]`` for ``texts`` (empty when there are none)."""
+        for text in texts:
+            if text not in self.marks:
+                n = len(self.marks)
+                self.marks[text] = chr(ord("a") + n) if n < 26 else str(n + 1)
+        # In the order the notes list them, whatever order the differences came in.
+        letters = [m for t, m in self.marks.items() if t in texts]
+        return f" [{','.join(letters)}]" if letters else ""
+
+    def notes(self) -> list[str]:
+        """One note per mark: ``[a] published: ...; ours: ....``"""
+        return [f"[{m}] {text}." for text, m in self.marks.items()]
+
+
+def _published_cells(match: published.Match | None, marks: Footnotes) -> list[str]:
+    """Published top-1, top-5, mAP and source (with its footnote marks); blank without one."""
+    if match is None:
         return [""] * (len(PUBLISHED_COLUMNS) + 1)
-    values = [getattr(pub, k) for k, _ in PUBLISHED_COLUMNS]
-    return [DASH if v is None else f"{v:.1f}" for v in values] + [pub.source]
+    values = [getattr(match.row, k) for k, _ in PUBLISHED_COLUMNS]
+    cells = [DASH if v is None else f"{v:.1f}" for v in values]
+    return cells + [match.row.source + marks.mark(match.deviations)]
 
 
-def _own_new_model(cell: Cell, ref: Cell | None) -> bool:
-    """True when the method's new model is not the reference one: BCT, or a plugin whose
-    new/new differs from the reference's (FCT-style methods reuse Independent's by design)."""
-    if cell.method == "bct":
-        return True
-    if ref is None or cell.method == ref.method or cell.method in UNCHANGED_NEW_MODEL:
+def _who(cell: Cell, config: dict[str, Any]) -> tuple[str, bool] | None:
+    """The published method ``cell``'s method stands for (fct.report.published.identity)."""
+    settings = method_settings(cell.records[0])
+    return published.identity(cell.base or cell.method, cell.method, settings, config)
+
+
+def _own_new_model(summary: Summary, cell: Cell, ref: Cell | None) -> bool:
+    """True when the method's new model is not the reference one: by the records' artifact
+    digests or the registered method (Summary.shares_new_model); for a plugin that neither
+    tells, when its new/new differs from the reference's."""
+    shares = summary.shares_new_model(cell.scenario, cell.method)
+    if shares is not None:
+        return not shares
+    if ref is None or cell.method == ref.method:
         return False
     return any(
         abs(cell.mean(f"new_new_{k}") - ref.mean(f"new_new_{k}")) > NEW_NEW_TOLERANCE
@@ -87,34 +132,37 @@ def _own_new_model(cell: Cell, ref: Cell | None) -> bool:
 def paper_table(summary: Summary, scenario: str) -> Table:
     """The paper-style table of one scenario (with published columns where they apply)."""
     config = summary.configs[scenario]
-    dataset = _eval_dataset(config)
-    show_pub = is_paper(config) and published.has_dataset(dataset)
+    show_pub = is_paper(config) and published.applies(config)
     old_ref = summary.reference(scenario, "old/old")
     new_ref = summary.reference(scenario, "new/new")
 
     rows: list[list[str]] = []
     superseded: list[str] = []
     pub_notes: dict[str, list[str]] = {}
+    marks = Footnotes()
 
-    def add(name: str, cell: Cell | None, case: str, method: str | None) -> None:
+    def add(name: str, cell: Cell | None, case: str, who: tuple[str, bool] | None) -> None:
         line = [name, *_case_cells(cell, case)]
         if show_pub:
-            pub, older = published.lookup(dataset, case, method) if method else (None, [])
-            line += _published_cells(pub)
-            for p in older:
-                superseded.append(f"{name} {p.source}: {p.values()}")
-            if pub is not None and pub.notes:
-                pub_notes.setdefault(f"{pub.source}: {pub.notes}", []).append(name)
+            match = published.lookup(config, case, who)
+            line += _published_cells(match, marks)
+            if match is not None:
+                for p in match.older:
+                    superseded.append(f"{name} {p.source}: {p.values()}")
+                if match.row.notes:
+                    key = f"{match.row.source}: {match.row.notes}"
+                    pub_notes.setdefault(key, []).append(name)
         rows.append(line)
 
-    add("old/old", old_ref, "old/old", "independent")
-    add("new/new", new_ref, "new/new", "independent")
+    add("old/old", old_ref, "old/old", INDEPENDENT)
+    add("new/new", new_ref, "new/new", INDEPENDENT)
     rules = {len(rows) - 1}
     for m in summary.methods_in(scenario):
         cell = summary.cells[(scenario, m)]
-        add(cell.label, cell, "cross", m)
-        if _own_new_model(cell, new_ref):
-            add(f"{cell.label} new/new", cell, "new/new", None)
+        who = _who(cell, config)
+        add(cell.label, cell, "cross", who)
+        if _own_new_model(summary, cell, new_ref):
+            add(f"{cell.label} new/new", cell, "new/new", who)
 
     header = ["case", *(h for _, h in CASE_COLUMNS)]
     align = ["l"] + ["r"] * len(CASE_COLUMNS)
@@ -125,16 +173,66 @@ def paper_table(summary: Summary, scenario: str) -> Table:
         groups = [("", 1), ("Ours", len(CASE_COLUMNS)), ("Published", len(PUBLISHED_COLUMNS) + 1)]
     notes = _notes(summary, scenario, old_ref, new_ref)
     if show_pub:
-        notes.append(
-            "Published: numbers from fct/reference/published_results.csv (the FCT reference "
-            "code's README); where a number was published twice the most recent is shown."
-        )
+        notes.append(f"{PUBLISHED_NOTE} Setups: {'; '.join(published.matched_setups(config))}.")
+        notes += marks.notes()
         if superseded:
             notes.append("Older published values: " + "; ".join(superseded) + ".")
         if pub_notes:
             settings = (f"{note} ({', '.join(names)})" for note, names in pub_notes.items())
             notes.append("Published settings: " + "; ".join(settings) + ".")
+    elif is_paper(config) and (why := published.unmatched(config)):
+        notes.append(
+            "No published numbers shown: this scenario's setup differs from every published "
+            "one (" + "; ".join(why) + ")."
+        )
     return Table(header, rows, align, groups, rules_after=rules, notes=notes)
+
+
+def backfill_table(summary: Summary, scenario: str) -> Table | None:
+    """The AUC of every backfilling curve of the scenario, one row per (method, order), with
+    the published AUC beside it where one matches (None when no run recorded curves)."""
+    config = summary.configs[scenario]
+    show_pub = is_paper(config) and published.applies(config)
+    marks = Footnotes()
+    rows = []
+    for m in summary.methods_in(scenario):
+        cell = summary.cells[(scenario, m)]
+        who = _who(cell, config)
+        for order in summary.auc_orders:
+            mean = cell.stats.get(f"auc_{order}")
+            if mean is None or mean.n == 0:
+                continue
+            top1 = cell.stats[f"top1_auc_{order}"]
+            line = [
+                cell.label,
+                order,
+                auc_top1_metric(order).format(top1.mean, top1.std),
+                auc_metric(order).format(mean.mean, mean.std),
+            ]
+            if show_pub:
+                line += _published_cells(published.lookup_auc(config, order, who), marks)
+            rows.append(line)
+    if not rows:
+        return None
+    header = ["method", "order", "AUC top-1", "AUC mAP"]
+    align = ["l", "l", "r", "r"]
+    groups = None
+    notes = [
+        "AUC: the cross case's metric averaged over the backfilling curve (0 %, 20 steps, "
+        "100 % of the gallery re-encoded, 22 points), backfilled in the given order "
+        "(random, or the method's own, e.g. FastFill's by decreasing uncertainty)."
+    ]
+    if show_pub:
+        header += [h for _, h in PUBLISHED_COLUMNS] + ["source"]
+        align += ["r"] * len(PUBLISHED_COLUMNS) + ["l"]
+        groups = [("", 2), ("Ours", 2), ("Published", len(PUBLISHED_COLUMNS) + 1)]
+        notes.append(
+            "Published AUCs are rows of case 'backfill-auc ORDER' (or 'backfill-auc' for the "
+            "published method's own order: FastFill uncertainty, FCT random) of "
+            "fct/reference/published_results.csv whose setup matches this scenario."
+        )
+        notes += marks.notes()
+    return Table(header, rows, align, groups, notes=notes)
 
 
 def _notes(
@@ -147,7 +245,7 @@ def _notes(
         f"reference cases (old/old from {old_ref.label if old_ref else DASH}, new/new from "
         f"{new_ref.label if new_ref else DASH})."
     ]
-    if any(_own_new_model(c, new_ref) for c in cells):
+    if any(_own_new_model(summary, c, new_ref) for c in cells):
         notes.append(
             "A 'new/new' row under a method is that method's own new model against itself "
             "(BCT trains the new model with an influence loss, which can lower it)."
@@ -228,6 +326,15 @@ def describe(config: dict[str, Any]) -> list[str]:
         line = _model_line(name, config.get(key))
         if line:
             lines.append(line)
+    h = config.get("transformation")
+    if isinstance(h, dict) and isinstance(h.get("features"), str):
+        features = h["features"]
+        views = h.get("views") or 1
+        lines.append(
+            "h: fitted online (features of freshly augmented images every step)"
+            if features == "online"
+            else f"h: fitted on {features} embeddings, {views} view{'s' * (views != 1)} per image"
+        )
     ev = config.get("eval")
     if isinstance(ev, dict):
         lines.append(
@@ -235,8 +342,10 @@ def describe(config: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {ev[k]}" for k in ("dataset", "split", "distance") if k in ev)
             + " (leave-one-out)"
         )
+    if isinstance(config.get("protocol"), str):
+        lines.append(f"protocol: {config['protocol']}")
     if is_paper(config):
-        lines.append("paper-faithful scenario: published numbers shown where available")
+        lines.append("paper-faithful scenario: published numbers shown where the setup matches")
     return lines
 
 
@@ -254,15 +363,20 @@ def scenario_tables(summary: Summary, scenario: str) -> ScenarioTables:
         cost_table(summary, scenario),
         caption,
         describe(config),
+        backfill_table(summary, scenario),
     )
 
 
 def scenario_markdown(t: ScenarioTables) -> str:
-    """tables/SCENARIO.md: description, paper table with notes, cost table."""
+    """tables/SCENARIO.md: description, paper table with notes, backfilling AUCs (when
+    recorded), cost table."""
     desc = "".join(f"- {md_line(line)}\n" for line in t.description)
+    backfill = (
+        f"## {BACKFILL_TITLE}\n\n{to_markdown(t.backfill)}\n" if t.backfill is not None else ""
+    )
     return (
         f"# {md_escape(t.scenario)}\n\n{desc}\n{md_line(t.caption)}\n\n{to_markdown(t.paper)}\n"
-        f"## Update cost\n\n{to_markdown(t.costs)}"
+        f"{backfill}## Update cost\n\n{to_markdown(t.costs)}"
     )
 
 
