@@ -200,7 +200,12 @@ def _json_depth_ok(text: str, limit: int) -> bool:
     return True
 
 
-def read_regular_bytes(path: str | os.PathLike[str], max_bytes: int, what: str = "file") -> bytes:
+def read_regular_bytes(
+    path: str | os.PathLike[str],
+    max_bytes: int,
+    what: str = "file",
+    fix: str = "delete it and rerun",
+) -> bytes:
     """The bytes of ``path``, only if it is a regular file of at most ``max_bytes``.
 
     Opened without following a final symlink and without blocking (a FIFO never hangs the
@@ -213,19 +218,16 @@ def read_regular_bytes(path: str | os.PathLike[str], max_bytes: int, what: str =
     except FileNotFoundError as e:
         raise FCTError(f"{path} does not exist; rerun to rebuild the {what}") from e
     except OSError as e:
-        raise FCTError(
-            f"{path} is not a readable regular {what} ({e.strerror or e}); delete it and rerun"
-        ) from e
+        raise FCTError(f"{path} is not a readable regular {what} ({e.strerror or e}); {fix}") from e
     try:
         st = os.fstat(fd)
         import stat
 
         if not stat.S_ISREG(st.st_mode):
-            raise FCTError(f"{path} is not a regular {what}; delete it and rerun")
+            raise FCTError(f"{path} is not a regular {what}; {fix}")
         if st.st_size > max_bytes:
             raise FCTError(
-                f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit for a {what}; "
-                "delete it and rerun"
+                f"{path} is {st.st_size} bytes, over the {max_bytes}-byte limit for a {what}; {fix}"
             )
         chunks = []
         remaining = max_bytes + 1

@@ -61,9 +61,49 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def record_path(out: Path, scenario: str, method: str, seed: int) -> Path:
-    """Where the run record of (scenario, method, seed) lives."""
-    stem = method if seed == 0 else f"{method}.seed{seed}"
-    return out / "runs" / scenario / f"{stem}.json"
+    """Where the run record of (scenario, method, seed) lives: ``OUT/runs/SCENARIO/FILE``.
+
+    Suite files can only hold safe names (fct.scenarios.check_name); this is the last line of
+    defence for a name that did not come through them (a plugin's method, a Scenario built in
+    code) and for a scenario folder that is a symlink out of the results: either would write a
+    record outside ``OUT/runs``, which is refused with an FCTError.
+    """
+    runs = Path(out) / "runs"
+    problem = _not_a_file_name(scenario) or _not_a_file_name(method)
+    if problem is None:
+        stem = method if seed == 0 else f"{method}.seed{seed}"
+        path = runs / scenario / f"{stem}.json"
+        try:
+            # Resolved (symlinks followed), the scenario folder must still be a folder of runs/;
+            # OUT and OUT/runs may themselves be links (results kept on another disk). The
+            # record file itself is not resolved: a link there is damage that _up_to_date moves
+            # aside, and writing a record replaces a link rather than following it.
+            if (runs / scenario).resolve().parent != runs.resolve():
+                problem = f"{runs / scenario} leads out of {runs}"
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+            problem = f"{runs / scenario} cannot be resolved ({getattr(e, 'strerror', None) or e})"
+    if problem is not None:
+        raise FCTError(
+            f"the run record of scenario {scenario!r:.80}, method {method!r:.80} would be outside "
+            f"a scenario folder of {runs}: {problem}; use names of letters, digits, '-', '_' "
+            "and '.', and no symlink out of OUT/runs"
+        )
+    return path
+
+
+def _not_a_file_name(name: object) -> str | None:
+    """Why ``name`` cannot be one file or folder name inside a folder, or None when it can."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "\x00" in name
+        or "/" in name
+        or (os.altsep is not None and os.altsep in name)
+    ):
+        return f"{name!r:.80} is not a plain file name"
+    if len(f"{name}.seed{2**63}.json".encode()) > 255:  # most file systems' limit
+        return f"a name of {len(name)} characters is too long for a file name"
+    return None
 
 
 def _features(x: torch.Tensor, y: torch.Tensor, name: str) -> retrieval.FeatureSet:
@@ -361,6 +401,8 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
             _forced=forced_keys,
         )
         check_scenario(ctx, methods)
+        for m in methods:  # a name that cannot be a record file fails here, before training
+            record_path(opts.out, sc.name, m, opts.seed)
         plan.append((ctx, methods))
     for ctx, methods in plan:
         for m in methods:

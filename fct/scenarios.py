@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -243,6 +244,10 @@ def _build(cls: type, merged: dict, where: str) -> Any:
         if key in ("arch_args", "loss_args"):
             if not isinstance(value, dict):
                 raise FCTError(f"{where}: '{key}' must be a table, e.g. {key} = {{ name = value }}")
+            if key == "arch_args":
+                # Before the value types: a table-valued pretrained_cfg_overlay is refused for
+                # what it is (it could load weights), not for being a table.
+                _check_arch_keys(value, where)
             for k, v in value.items():
                 flat = v if isinstance(v, list) else [v]
                 if not all(isinstance(x, bool | int | float | str) for x in flat):
@@ -254,7 +259,7 @@ def _build(cls: type, merged: dict, where: str) -> Any:
             if not (
                 isinstance(value, list)
                 and len(value) == 2
-                and all(isinstance(v, int) for v in value)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
                 and 0 <= value[0] < value[1]
             ):
                 raise FCTError(
@@ -294,17 +299,73 @@ def _check_types(spec: Any, where: str) -> None:
 #: loads weights (checkpoint_path, pretrained, pretrained_cfg, ...) is refused: models here
 #: train from scratch, and a file's content would not be in the cache key.
 ARCH_ARGS = frozenset(
-    {"drop_rate", "drop_path_rate", "drop_block_rate", "channels", "layers", "stem_width",
-     "stem_type", "output_stride", "width_multiplier", "depth_multiplier", "channel_multiplier",
-     "global_pool"}
+    {
+        "drop_rate",
+        "drop_path_rate",
+        "drop_block_rate",
+        "channels",
+        "layers",
+        "stem_width",
+        "stem_type",
+        "output_stride",
+        "width_multiplier",
+        "depth_multiplier",
+        "channel_multiplier",
+        "global_pool",
+    }
 )
 EMBEDDING_DIM_MAX = 1 << 16
 IMAGE_SIZE_MAX = 4096
+#: timm's pooling names that give one pooled vector per image ('' would return feature maps,
+#: which the embedding head cannot take).
+GLOBAL_POOLS = ("avg", "max", "avgmax", "catavgmax", "token", "map")
+
+
+def _check_arch_keys(args: dict, where: str) -> None:
+    """Refuse any timm argument outside ARCH_ARGS (whatever its value)."""
+    for key in args:
+        if key not in ARCH_ARGS:
+            raise FCTError(
+                f"{where}: arch_args key '{key}' is not allowed{did_you_mean(key, ARCH_ARGS)}; "
+                f"a suite may set {', '.join(sorted(ARCH_ARGS))} (models train from scratch; "
+                "no weights are loaded)"
+            )
+
+
+def _check_arch_value(key: str, value: Any, where: str) -> None:
+    """Refuse an allowed timm argument whose value timm would reject only when the model is
+    built, mid-run and with a traceback (a string rate, a negative width, a bad stride)."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    def size(v: Any, high: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= high
+
+    if key in ("drop_rate", "drop_path_rate", "drop_block_rate"):
+        ok, want = number(value) and 0 <= value < 1, "a number in [0, 1)"
+    elif key in ("channels", "layers"):  # per stage: widths, or numbers of blocks
+        high = 1 << 16 if key == "channels" else 1000
+        ok = isinstance(value, tuple) and 0 < len(value) <= 16
+        ok = ok and all(size(x, high) for x in value)
+        want = f"a list of 1-16 integers in [1, {high}]"
+    elif key == "stem_width":
+        ok, want = size(value, 1 << 16), f"an integer in [1, {1 << 16}]"
+    elif key == "output_stride":
+        ok, want = value in (8, 16, 32) and not isinstance(value, bool), "8, 16 or 32"
+    elif key in ("width_multiplier", "depth_multiplier", "channel_multiplier"):
+        ok, want = number(value) and 0 < value <= 64, "a number in (0, 64]"
+    elif key == "global_pool":
+        ok, want = value in GLOBAL_POOLS, f"one of {', '.join(GLOBAL_POOLS)}"
+    else:  # stem_type: each timm family has its own names ('deep', 'patch', ...)
+        ok, want = isinstance(value, str) and len(value) <= 64, "a string"
+    if not ok:
+        raise FCTError(f"{where}: arch_args.{key} must be {want}, got {value!r}")
 
 
 def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
     from fct.data import DATASETS
-    from fct.losses import LOSSES, make_loss
+    from fct.losses import LOSSES
     from fct.models import check_arch
 
     if spec.dataset not in DATASETS:
@@ -322,18 +383,28 @@ def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
         raise FCTError(
             f"{where}: unknown optimizer '{spec.optimizer}'{did_you_mean(spec.optimizer, ['sgd', 'adamw', 'adam'])}; choose sgd, adamw or adam"
         )
-    for key, high in (("epochs", 100_000), ("batch_size", 1 << 20), ("embedding_dim", EMBEDDING_DIM_MAX)):
+    for key, high in (
+        ("epochs", 100_000),
+        ("batch_size", 1 << 20),
+        ("embedding_dim", EMBEDDING_DIM_MAX),
+    ):
         v = getattr(spec, key)
         if not 0 < v <= high:
             raise FCTError(f"{where}: {key} must be an integer in [1, {high}], got {v}")
     if spec.image_size is not None and not (
         isinstance(spec.image_size, int) and 8 <= spec.image_size <= IMAGE_SIZE_MAX
     ):
-        raise FCTError(f"{where}: image_size must be an integer in [8, {IMAGE_SIZE_MAX}], got {spec.image_size!r}")
+        raise FCTError(
+            f"{where}: image_size must be an integer in [8, {IMAGE_SIZE_MAX}], got {spec.image_size!r}"
+        )
     if spec.max_per_class is not None and not (
-        isinstance(spec.max_per_class, int) and spec.max_per_class > 0
+        isinstance(spec.max_per_class, int)
+        and not isinstance(spec.max_per_class, bool)  # true would read as 1 image per class
+        and spec.max_per_class > 0
     ):
-        raise FCTError(f"{where}: max_per_class must be a positive integer, got {spec.max_per_class!r}")
+        raise FCTError(
+            f"{where}: max_per_class must be a positive integer, got {spec.max_per_class!r}"
+        )
     if spec.small_stem is not None and not isinstance(spec.small_stem, bool):
         raise FCTError(f"{where}: small_stem must be true or false")
     if not 0 < spec.lr < math.inf:
@@ -352,23 +423,23 @@ def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
         raise FCTError(
             f"{where}: augment must be one of {', '.join(AUGMENTS)}, got {spec.augment!r}"
         )
-    for key, _value in spec.arch_args:
-        if key not in ARCH_ARGS:
-            raise FCTError(
-                f"{where}: arch_args key '{key}' is not allowed{did_you_mean(key, ARCH_ARGS)}; "
-                f"a suite may set {', '.join(sorted(ARCH_ARGS))} (models train from scratch; "
-                "no weights are loaded)"
-            )
+    _check_arch_keys(dict(spec.arch_args), where)
+    for key, value in spec.arch_args:
+        _check_arch_value(key, value, where)
     try:
         if spec.loss == "simclr":
             from fct.losses import _check_positive
 
             for key, value in spec.loss_args:
                 if key != "temperature":
-                    raise FCTError(f"loss 'simclr' got unknown argument {key}; allowed: temperature")
+                    raise FCTError(
+                        f"loss 'simclr' got unknown argument {key}; allowed: temperature"
+                    )
                 _check_positive("temperature", value)
         else:
-            make_loss(spec.loss, **dict(spec.loss_args))
+            # The registered factory, not make_loss(name, **args): an argument called 'name'
+            # would collide with make_loss's own parameter (a TypeError, not a message).
+            LOSSES.get(spec.loss)(**dict(spec.loss_args))
     except FCTError as e:
         raise FCTError(f"{where} loss_args: {e}") from e
     try:
@@ -390,9 +461,17 @@ NAME_MAX = 100
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
+#: Endings a name may not have, as they are the runner's own: the record of method 'fct' at
+#: seed 1 is ``fct.seed1.json``, which a method named 'fct.seed1' would share at seed 0; and
+#: ``fct report`` reads every ``*.json`` under runs/, so a scenario folder 'x.json' would be
+#: taken for a record. Case-insensitive, as some file systems are.
+_RESERVED_ENDING = re.compile(r"\.(json|seed[0-9]+)$", re.IGNORECASE)
+
+
 def check_name(value: Any, what: str, where: str) -> str:
     """``value`` if it is a safe name (letters, digits, ``-``, ``_``, ``.``; not starting with
-    a dot; at most NAME_MAX characters), else FCTError: names become paths under --out."""
+    a dot; not ending in ``.json`` or ``.seedN``; at most NAME_MAX characters), else
+    FCTError: names become folder and file names under --out."""
     if (
         not isinstance(value, str)
         or not value
@@ -400,17 +479,28 @@ def check_name(value: Any, what: str, where: str) -> str:
         or not set(value) <= _NAME_CHARS
         or value.startswith(".")
     ):
-        shown = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:60]) + "..."
+        shown = (
+            repr(value)
+            if not isinstance(value, str) or len(value) <= 60
+            else repr(value[:60]) + "..."
+        )
         raise FCTError(
             f"{where}: {what} name {shown} is not allowed; use 1-{NAME_MAX} letters, digits, "
             "'-', '_' or '.', not starting with '.'"
+        )
+    if _RESERVED_ENDING.search(value):
+        raise FCTError(
+            f"{where}: {what} name {value!r} is not allowed: names ending in '.json' or "
+            "'.seedN' would clash with run record files; rename it"
         )
     return value
 
 
 def _string_list(value: Any, what: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise FCTError(f'{where}: {what} must be a list of names such as ["fct", "bct"], got {value!r}')
+        raise FCTError(
+            f'{where}: {what} must be a list of names such as ["fct", "bct"], got {value!r}'
+        )
     return tuple(value)
 
 
@@ -524,7 +614,9 @@ def parse_suite(
     scenarios = []
     seen: dict[str, str] = {}
     for i, entry in enumerate(entries):
-        sc = _parse_scenario(entry, i, path, suite_name, defaults, default_methods, tables, overrides)
+        sc = _parse_scenario(
+            entry, i, path, suite_name, defaults, default_methods, tables, overrides
+        )
         folded = sc.name.lower()  # a case-insensitive file system would merge these folders
         if seen.get(folded) == sc.name:
             raise FCTError(
@@ -584,6 +676,14 @@ def _parse_scenario(
         check_name(m, "method", where)
     if len(set(methods)) != len(methods):
         raise FCTError(f"{where}: methods lists a method twice: {list(methods)}")
+    folded: dict[str, str] = {}
+    for m in methods:  # their records are files in one folder: see the scenario name check
+        if m.lower() in folded:
+            raise FCTError(
+                f"{where}: methods '{folded[m.lower()]}' and '{m}' differ only in letter case; "
+                "their record files would be one file on some file systems, rename one"
+            )
+        folded[m.lower()] = m
     kinds = _string_list(entry.get("kinds", []), "kinds", where)
     for k in kinds:
         if k not in KINDS:
@@ -630,7 +730,9 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
     if sc.eval.backend not in ("torch", "faiss"):
         raise FCTError(f"{where} [eval]: backend must be torch or faiss, got {sc.eval.backend!r}")
     if sc.eval.max_per_class is not None and not (
-        isinstance(sc.eval.max_per_class, int) and sc.eval.max_per_class > 0
+        isinstance(sc.eval.max_per_class, int)
+        and not isinstance(sc.eval.max_per_class, bool)
+        and sc.eval.max_per_class > 0
     ):
         raise FCTError(f"{where} [eval]: max_per_class must be a positive integer")
     _validate_transformation(sc.transformation, f"{where} [transformation]")
@@ -671,9 +773,9 @@ def suite_path(name: str, suites_dir: Path | None = None) -> Path:
     """The file of suite ``name``: a path to a .toml, or suites/NAME.toml."""
     p = Path(name)
     if p.suffix == ".toml":
-        if not p.is_file():
-            raise FCTError(f"suite file {p} does not exist")
-        return p
+        if not p.exists() and not p.is_symlink():
+            raise FCTError(f"suite file {p} does not exist; check the path")
+        return p  # not a regular file: load_suite's bounded read names the problem
     folder = suites_dir or Path(os.environ.get("FCT_SUITES", SUITES_DIR))
     path = folder / f"{name}.toml"
     if not path.is_file():
@@ -702,7 +804,9 @@ def load_suite(
     from fct.io import read_regular_bytes
 
     path = suite_path(name, suites_dir)
-    data = read_regular_bytes(path, SUITE_MAX_BYTES, "suite file")
+    data = read_regular_bytes(
+        path, SUITE_MAX_BYTES, "suite file", "pass a TOML suite file (at most 4 MB)"
+    )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
