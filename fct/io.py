@@ -205,18 +205,22 @@ def read_regular_bytes(
     max_bytes: int,
     what: str = "file",
     fix: str = "delete it and rerun",
+    follow_symlinks: bool = False,
 ) -> bytes:
     """The bytes of ``path``, only if it is a regular file of at most ``max_bytes``.
 
-    Opened without following a final symlink and without blocking (a FIFO never hangs the
-    reader); a folder, device, FIFO, symlink or an oversized file raises FCTError naming it.
+    Opened without blocking (a FIFO never hangs the reader) and, unless ``follow_symlinks``
+    (datasets linked in from shared storage), without following a final symlink; a folder,
+    device, FIFO, symlink or an oversized file raises FCTError naming it and ending in ``fix``.
     """
     path = Path(path)
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError as e:
-        raise FCTError(f"{path} does not exist; rerun to rebuild the {what}") from e
+        raise FCTError(f"{path} does not exist; check the path and rerun") from e
     except OSError as e:
         raise FCTError(f"{path} is not a readable regular {what} ({e.strerror or e}); {fix}") from e
     try:

@@ -13,6 +13,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,35 @@ def clean_tiny(tmp_path_factory) -> tuple[Path, Path, dict[str, dict]]:
     recs = records(out)
     assert len(recs) == 4
     return out, cache, recs
+
+
+def within(seconds: float, fn: Callable):
+    """``fn()``, failing the test instead of hanging when it blocks (a FIFO opened for reading)."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still blocked after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def toml_str(text: str) -> str:
+    """``text`` as a TOML basic string (control characters such as NUL as \\u escapes)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'

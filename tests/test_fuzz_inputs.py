@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import toml_str
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_report import make_record, write_record
@@ -51,19 +52,6 @@ FUZZ = settings(
 
 # ---------------------------------------------------------------------------------------------
 # TOML writing: the mutated documents go back through the real parser
-
-
-def toml_str(text: str) -> str:
-    """``text`` as a TOML basic string."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
 
 
 def toml_value(v: Any) -> str:

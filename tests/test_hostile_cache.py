@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import entries, tiny_args
+from conftest import entries, tiny_args, within
 
 from fct.artifacts import Cache, Entry
 from fct.errors import FCTError
@@ -28,25 +27,6 @@ from fct.train import OptimConfig, load_checkpoint, save_checkpoint, train
 
 KEY_A = {"model": "m1", "data": {"dataset": "synthetic", "split": "test", "size": [32, 32]}}
 KEY_B = {"model": "m2", "data": {"dataset": "synthetic", "split": "test", "size": [32, 32]}}
-
-
-def within(seconds: float, fn: Callable):
-    """``fn()``, failing the test instead of hanging when it blocks (a FIFO opened for reading)."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised in the test's thread
-            box["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def builder(value: float, calls: list | None = None):

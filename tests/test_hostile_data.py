@@ -405,7 +405,7 @@ def test_more_images_than_the_split_has_are_refused(tmp_path, monkeypatch):
 def test_oversized_and_non_regular_files_are_refused(tmp_path, monkeypatch):
     root = cifar_root(tmp_path)
     monkeypatch.setattr(cifar, "MAX_FILE_BYTES", 1000)
-    assert "more than the 1000 a file of this dataset can be" in refused(root)
+    assert "over the 1000-byte limit for a file" in refused(root)
     monkeypatch.undo()
     train = root / "cifar-100-python" / "train"
     train.unlink()

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import toml_str, within
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,19 +30,6 @@ DEFAULTS = '[defaults.model]\ndataset = "synthetic"\narch = "test_resnet"\nembed
 SCENARIO = '[[scenario]]\nname = "a"\n'
 
 
-def toml_str(text: str) -> str:
-    """``text`` as a TOML basic string (control characters such as NUL as \\u escapes)."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 def refused(text: str, *needles: str, tmp_path: Path) -> str:
     """Parse ``text`` as a suite: it must be refused in one FCTError line holding ``needles``."""
     with pytest.raises(FCTError) as e:
@@ -53,25 +39,6 @@ def refused(text: str, *needles: str, tmp_path: Path) -> str:
     for needle in needles:
         assert needle in msg, msg
     return msg
-
-
-def within(seconds: float, fn: Callable):
-    """``fn()``, failing the test instead of hanging when it blocks (a FIFO opened to read)."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised in the test's thread
-            box["error"] = e
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"still blocked after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def no_records(out: Path, cache: Path) -> bool:

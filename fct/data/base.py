@@ -238,41 +238,12 @@ def read_data_file(path: str | os.PathLike[str], max_bytes: int, fix: str) -> by
     """The bytes of the dataset file ``path``, only if it is a regular file of at most
     ``max_bytes``; anything else raises FCTError ending in ``fix``.
 
-    Opened without blocking, so a FIFO in a file's place is refused instead of hanging the run;
-    symlinks are followed (datasets are often linked in from shared storage). The size limit
-    is checked before reading and again while reading, so no file can make us hold more.
+    A FIFO in a file's place is refused instead of hanging the run; symlinks are followed
+    (datasets are often linked in from shared storage). See ``fct.io.read_regular_bytes``.
     """
-    import stat
+    from fct.io import read_regular_bytes
 
-    path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise FCTError(f"cannot open {path} ({e.strerror or e}); {fix}") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FCTError(f"{path} is not a regular file (a folder, FIFO or device); {fix}")
-        if st.st_size > max_bytes:
-            raise FCTError(
-                f"{path} is {st.st_size} bytes, more than the {max_bytes} a file of this "
-                f"dataset can be; {fix}"
-            )
-        chunks, left = [], max_bytes + 1
-        while left > 0:
-            # One read of the whole file usually: a single chunk is joined without a copy.
-            chunk = os.read(fd, min(left, st.st_size + 1, 1 << 30))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as e:
-        raise FCTError(f"cannot read {path} ({e.strerror or e}); {fix}") from e
-    finally:
-        os.close(fd)
-    if left <= 0:  # it grew while being read
-        raise FCTError(f"{path} is more than {max_bytes} bytes; {fix}")
-    return b"".join(chunks)
+    return read_regular_bytes(path, max_bytes, "file", fix, follow_symlinks=True)
 
 
 def torchvision_download(
