@@ -99,6 +99,17 @@ class Entry:
         """Directory for epoch checkpoints while the artifact is being trained."""
         return self.root / "partial" / self.kind / f"{self.name}-{self.digest}"
 
+    def weights_digest(self) -> str | None:
+        """20 hex digits of the finished artifact's tensor file (its SHA-256, from the
+        manifest): unlike ``digest`` (a hash of the key) it differs between two trainings of
+        one key that gave different weights (another machine, another library version).
+        None when the entry has no readable manifest."""
+        try:
+            manifest = read_json(self.path / MANIFEST, max_bytes=JSON_LIMIT)
+            return str(manifest["files"][TENSORS]["sha256"])[:20]
+        except (FCTError, KeyError, TypeError):
+            return None
+
     def verify(self) -> bool:
         """True when the finished artifact exists, is the one asked for and matches its manifest.
 

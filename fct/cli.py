@@ -77,8 +77,28 @@ def _load_plugins(args: argparse.Namespace) -> None:
         load_plugin(spec)
 
 
+#: Where a run writes by default (``results/SUITE``, ignored by git) and where the project's
+#: committed reference results of a suite live (``results/reference/SUITE``).
+RESULTS = Path("results")
+REFERENCE = RESULTS / "reference"
+
+
 def _results_dir(args: argparse.Namespace, suite: str) -> Path:
-    return Path(args.out) if args.out else Path("results") / suite
+    return Path(args.out) if args.out else RESULTS / suite
+
+
+def _reference_dir(suite: str, out: Path, given: str | None = None) -> Path | None:
+    """The reference results a report compares with: ``--reference DIR``, else
+    results/reference/SUITE when it exists and is not the folder being written."""
+    if given:
+        return Path(given)
+    ref = REFERENCE / suite
+    try:
+        if not (ref / "runs").is_dir() or ref.resolve() == Path(out).resolve():
+            return None
+    except OSError:
+        return None
+    return ref
 
 
 SEED_MAX = 2**31 - 1
@@ -161,14 +181,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         suite = smoke_suite(suite)
         if not args.out:
-            args.out = str(Path("results") / f"{suite.name}-smoke")
+            args.out = str(RESULTS / f"{suite.name}-smoke")
     methods = (
         tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     )
     seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed]
+    out = _results_dir(args, suite.name)
+    if (REFERENCE / suite.name).exists() and out.resolve() == (REFERENCE / suite.name).resolve():
+        raise FCTError(
+            f"{out} holds the project's reference results, which a run never overwrites; "
+            f"run into the default results/{suite.name} (or another --out)"
+        )
     for seed in seeds:
         opts = RunOptions(
-            out=_results_dir(args, suite.name),
+            out=out,
             cache=args.cache,
             device=args.device,
             seed=seed,
@@ -178,6 +204,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             methods=methods,
             scenarios=args.scenarios,
             sync_bn=args.sync_bn,
+            rerun=args.rerun,
+            smoke=args.smoke,
+            reference=None if args.smoke else _reference_dir(suite.name, out),
         )
         run_suite(suite, opts)
     distributed.teardown()
@@ -260,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_evaluate)
 
     run = sub.add_parser("run", help="run a suite: train, fit every method, evaluate, report")
-    run.add_argument("suite", help="suite name (suites/NAME.toml) or path to a .toml")
+    run.add_argument(
+        "suite", help="suite name (fct/suites/NAME.toml, or $FCT_SUITES) or path to a .toml"
+    )
     run.add_argument("--methods", help="comma-separated methods (default: the suite's)")
     run.add_argument("--scenarios", help="comma-separated scenario name wildcards")
     run.add_argument(
@@ -279,14 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--set",
         action="append",
-        metavar="METHOD.SETTING=VALUE",
-        help="override a method setting for every scenario, e.g. bct.weight=0.5 (repeatable)",
+        metavar="KEY=VALUE",
+        help="override a method setting for every scenario (bct.weight=0.5) or a key of the "
+        "suite file (defaults.model.epochs=2, scenario.NAME.new.lr=0.1), validated like the "
+        "file; repeatable (docs/suites.md)",
     )
     run.add_argument("--seeds", help="comma-separated seeds to run one after another, e.g. 0,1,2")
     run.add_argument(
         "--force", action="store_true", help="rerun finished records and retrain their artifacts"
     )
-    run.add_argument("--out", help="results folder (default results/SUITE)")
+    run.add_argument(
+        "--rerun",
+        action="store_true",
+        help="rerun the methods and evaluation of finished records, reusing every cached "
+        "model whose config did not change (--force retrains those too)",
+    )
+    run.add_argument(
+        "--out",
+        help="results folder (default results/SUITE; the project's reference results are in "
+        "results/reference/SUITE and are never written)",
+    )
     run.add_argument("--cache", help="artifact cache folder (default $FCT_CACHE or .fct-cache)")
     run.add_argument(
         "--plugin",

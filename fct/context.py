@@ -20,6 +20,7 @@ from torch import nn
 from fct import distributed
 from fct.artifacts import Cache, Entry
 from fct.errors import FCTError
+from fct.provenance import source_digest
 from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec, config_hash
 from fct.train import OptimConfig, TrainResult, isolated_rng, train
 
@@ -322,7 +323,13 @@ class Context:
         ``tag`` names the model's cache entry (default: the term's name); methods pass their
         run name, so a suite's variants (``bct_scaled``) get entries of their own names."""
         spec = self.scenario.new
-        extra_key = None if extra is None else {"name": extra.name, **extra.key()}
+        # A method's own loss term: its source file is part of the model's key, so editing
+        # the method retrains the models it shaped (and nothing else).
+        extra_key = (
+            None
+            if extra is None
+            else {"name": extra.name, **extra.key(), "source": source_digest(type(extra))}
+        )
         tag = "" if extra is None else f"-{tag or extra.name}"
         return self._memoized(
             ("model", spec, str(extra_key)),
@@ -362,6 +369,14 @@ class Context:
             return self._fit_on_images(model, spec, "simclr", e, step, views=2)
 
         return self._load_or_train(entry, model, fit, spec)
+
+    def shared_digests(self) -> set[str]:
+        """Digests of the scenario's shared models built so far in this context: the old
+        model, the new model without any method's loss term (Independent's) and the
+        side-information model. Everything else a method deploys was trained for it alone."""
+        sc = self.scenario
+        keys = [("model", sc.old), ("model", sc.new, "None"), ("side", sc.side)]
+        return {self._memo[k].digest for k in keys if self._memo.get(k) is not None}
 
     def _memoized(self, key: Any, build: Callable[[], Any]) -> Any:
         if key not in self._memo:
@@ -478,6 +493,8 @@ class Context:
             raise FCTError(
                 f"scenario '{self.scenario.name}' has no side-information model; set side_info = true or use fct"
             )
+        if loss is not None or module is not None:  # a method's own h: its source is key
+            extra_key = {**(extra_key or {}), "source": source_digest(loss or type(module))}
         key = {
             "h": spec.as_dict(),
             "old": old.digest,

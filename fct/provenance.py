@@ -92,3 +92,21 @@ def provenance(
         "date": utc_now(),
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 3),
     }
+
+
+def source_digest(obj: object) -> str | None:
+    """20 hex digits of SHA-256 over the source file of the module defining ``obj`` (a class
+    or function; a plugin's .py file included): a record made by a method, or an artifact
+    trained by a method's own loss, goes stale when that file changes. None when the module
+    has no readable source file (defined interactively)."""
+    import hashlib
+    import inspect
+    import sys
+
+    module = sys.modules.get(getattr(obj, "__module__", "") or "")
+    try:
+        path = inspect.getsourcefile(module) if module is not None else None
+        data = Path(path).read_bytes() if path else None
+    except (OSError, TypeError):
+        data = None
+    return hashlib.sha256(data).hexdigest()[:20] if data is not None else None

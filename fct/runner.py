@@ -10,6 +10,7 @@ rank 0 alone decides what is skipped, evaluates, and writes records and the repo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from fct.curves import backfill_curves
 from fct.errors import FCTError
 from fct.io import check_writable, read_json, write_json
 from fct.methods import Deployment
-from fct.provenance import provenance
+from fct.provenance import provenance, source_digest
 from fct.scenarios import Scenario, Suite, config_hash
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ class RunOptions:
     methods: tuple[str, ...] | None = None
     scenarios: str | None = None
     sync_bn: bool = False
+    #: ``--rerun``: rerun every selected record's method and evaluation; cached models
+    #: whose config did not change are reused (``force`` retrains them too).
+    rerun: bool = False
+    #: ``--smoke``: the records are marked ``"smoke": true`` (a wiring test, not results).
+    smoke: bool = False
+    #: The project's reference results of this suite, compared with this run in its report.
+    reference: Path | None = None
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -241,7 +249,9 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     method = sc.method(method_name)
     path = record_path(opts.out, sc.name, method_name, opts.seed)
     digest = record_digest(sc, method, opts.seed)
-    if distributed.broadcast_json(_up_to_date(path, digest, opts, sc.name, method_name)):
+    source = source_digest(type(method))
+    fresh = _up_to_date(path, digest, source, opts, sc.name, method_name)
+    if distributed.broadcast_json(fresh):
         return path
     log.info("%s / %s: fitting on %s (seed %d)", sc.name, method_name, ctx.device, opts.seed)
     t0 = time.perf_counter()
@@ -256,7 +266,12 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
         return path
     cases, costs, curves = evaluated
-    costs["train_seconds"] = round(sum(a.train_seconds for a in dep.artifacts if a is not None), 2)
+    used = _used_artifacts(ctx, dep)
+    shared = ctx.shared_digests()
+    own = sum(a.train_seconds for a in used.values() if a.digest not in shared)
+    costs["train_seconds"] = round(sum(a.train_seconds for a in used.values()), 2)
+    costs["train_seconds_method"] = round(own, 2)
+    costs["train_seconds_shared"] = round(costs["train_seconds"] - own, 2)
     wall = time.perf_counter() - t0
     record = {
         "schema": SCHEMA,
@@ -265,15 +280,18 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         "method": method_name,
         "label": method.display_label,
         "seed": opts.seed,
+        "smoke": opts.smoke,
         "config_hash": digest,
+        "method_source": source,
         "scenario_config": sc.as_dict(),
         "method_config": method.config(),
         "cases": cases,
         "costs": costs,
         **curves,  # curves, auc, backfill_curves (fct.curves); cases_cosine, diagnostics
-        "artifacts": {
-            a.entry.kind + "/" + a.name: a.digest for a in dep.artifacts if a is not None
-        },
+        "artifacts": {name: a.digest for name, a in used.items()},
+        "artifact_weights": {name: a.entry.weights_digest() for name, a in used.items()},
+        "models": _model_roles(ctx, dep),
+        "notes": json.loads(json.dumps(dep.notes, default=str)),  # Deployment.notes
         "provenance": {
             **provenance(str(ctx.device), opts.seed, wall),
             "world_size": distributed.world(),
@@ -294,9 +312,34 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     return path
 
 
-def _up_to_date(path: Path, digest: str, opts: RunOptions, scenario: str, method: str) -> bool:
-    """Whether the record at ``path`` was made from this config (rank 0 reads it)."""
-    if not distributed.is_main() or opts.force or not (path.exists() or path.is_symlink()):
+def _used_artifacts(ctx: Context, dep: Deployment) -> dict[str, Any]:
+    """Every trained artifact the deployment used, by "KIND/NAME": the method's own list plus
+    the models the evaluation itself used (the old model, the query model, h, ψ)."""
+    used = [*dep.artifacts, ctx.old_model(), dep.query_model, dep.transformation]
+    if dep.uses_side:
+        used.append(ctx.side_model())
+    return {f"{a.entry.kind}/{a.name}": a for a in used if a is not None}
+
+
+def _model_roles(ctx: Context, dep: Deployment) -> dict[str, str]:
+    """Which artifact played which part: old, query (the new model), side, transformation."""
+    roles = {"old": ctx.old_model(), "query": dep.query_model, "transformation": dep.transformation}
+    if dep.uses_side:
+        roles["side"] = ctx.side_model()
+    return {role: f"{a.entry.kind}/{a.name}" for role, a in roles.items() if a is not None}
+
+
+def _up_to_date(
+    path: Path, digest: str, source: str | None, opts: RunOptions, scenario: str, method: str
+) -> bool:
+    """Whether the record at ``path`` was made from this config and this method source
+    (rank 0 reads it)."""
+    if not distributed.is_main() or not (path.exists() or path.is_symlink()):
+        return False
+    if opts.force or opts.rerun:
+        log.info(
+            "%s / %s: rerun asked (%s)", scenario, method, "--force" if opts.force else "--rerun"
+        )
         return False
     try:
         rec = read_json(path)
@@ -305,6 +348,15 @@ def _up_to_date(path: Path, digest: str, opts: RunOptions, scenario: str, method
         _move_aside(path)
         return False
     if isinstance(rec, dict) and rec.get("config_hash") == digest:
+        if source is not None and rec.get("method_source") != source:
+            log.info(
+                "%s / %s: the method's source file changed since %s was written; rerunning "
+                "the method and its evaluation (cached shared models are reused)",
+                scenario,
+                method,
+                path,
+            )
+            return False
         log.info("%s / %s: up to date (%s), skipped", scenario, method, path)
         return True
     if not isinstance(rec, dict):
@@ -333,20 +385,22 @@ def _move_aside(path: Path) -> None:
         ) from e
 
 
-def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
-    """Refuse, before anything trains, what would fail later: an unknown method, a method
-    that cannot handle the scenario (``Method.check``), a missing dataset or a wrong layout,
-    a class range the dataset does not have.
+def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
+    """Refuse, before anything trains, what would fail later: an unknown method, a missing
+    dataset or a wrong layout, a class range the dataset does not have (FCTError). Returns
+    the methods that cannot handle the scenario (``Method.check``), with the reason: the
+    runner skips those pairs and runs the rest.
 
     Loading every split here costs nothing extra: the sources are kept for training.
     """
     sc = ctx.scenario
+    refused: dict[str, str] = {}
     for m in methods:
         method = sc.method(m)  # an unknown name raises, with "did you mean"
         try:
             method.check(sc)
         except FCTError as e:
-            raise FCTError(f"scenario '{sc.name}', method {m}: {e}") from e
+            refused[m] = str(e)
     roles = [("old", sc.old), ("new", sc.new), ("side", sc.side), ("eval", sc.eval)]
     for role, spec in roles:
         if spec is None:
@@ -355,23 +409,53 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> None:
             ctx.source(spec)
         except FCTError as e:
             raise FCTError(f"scenario '{sc.name}' [{role}]: {e}") from e
+    return refused
+
+
+def check_smoke(out: Path, smoke: bool) -> None:
+    """Refuse to write smoke records beside full ones (or the other way round): a report of
+    the folder would mix a wiring test with results."""
+    runs = Path(out) / "runs"
+    if not runs.is_dir():
+        return
+    for path in sorted(runs.glob("*/*.json")):
+        try:
+            rec = read_json(path)
+        except FCTError:
+            continue  # damaged: moved aside and rerun when its turn comes
+        if isinstance(rec, dict) and bool(rec.get("smoke", False)) != smoke:
+            kind = "full-run" if smoke else "smoke-run (--smoke)"
+            raise FCTError(
+                f"{out} holds {kind} records (e.g. {path}); "
+                f"{'a --smoke run' if smoke else 'a full run'} must not be mixed with them: "
+                "pass another --out"
+            )
+
+
+def _pair_failed(failures: list[str], scenario: str, method: str, why: str) -> None:
+    log.error("%s / %s: %s", scenario, method, why)
+    failures.append(f"{scenario}/{method} ({why[:160]})")
 
 
 def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     """Run the selected scenarios and methods of ``suite``; write records and the report.
 
     Every scenario is checked (``check_scenario``) and the results folder tested for writing
-    before the first training starts. Records are written one by one as they finish, so an
-    error or a crash later keeps every finished record and cache entry; rerunning the same
-    command continues from there.
+    before the first training starts. A method that cannot handle a scenario is refused then,
+    by name; a pair that fails later (a NaN loss, a plugin's error) is reported and the suite
+    goes on. Records are written one by one as they finish, so an error or a crash later
+    keeps every finished record and cache entry; rerunning the same command continues from
+    there. When any pair was refused or failed, FCTError at the end names them (exit 2),
+    after the report of what did finish.
     """
     device = distributed.setup(opts.device)
     cache = Cache(opts.cache)
     scenarios: list[Scenario] = suite.select(opts.scenarios)
     written: list[Path] = []
     log.info(
-        "suite %s: %d scenario(s) on %s%s; records -> %s/runs, cache -> %s",
+        "suite %s%s: %d scenario(s) on %s%s; records -> %s/runs, cache -> %s",
         suite.name,
+        " (smoke: a wiring test, not results)" if opts.smoke else "",
         len(scenarios),
         device,
         f" x {distributed.world()} process{'es' if distributed.world() > 1 else ''}"
@@ -382,10 +466,12 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     )
     if distributed.is_main():
         check_writable(opts.out / "runs", "results folder", "choose another --out")
+        check_smoke(opts.out, opts.smoke)
     distributed.check_shared_folder(cache.root, "the cache folder", "--cache (or FCT_CACHE)")
     forced_keys: set = set()
     sources: dict = {}  # data loaded by the checks is shared by every scenario's Context
     plan = []
+    failures: list[str] = []
     for sc in scenarios:
         methods = opts.methods or sc.methods
         ctx = Context(
@@ -400,17 +486,36 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
             _sources=sources,
             _forced=forced_keys,
         )
-        check_scenario(ctx, methods)
+        refused = check_scenario(ctx, methods)
+        for m, why in refused.items():
+            _pair_failed(failures, sc.name, m, f"refused before training: {why}")
         for m in methods:  # a name that cannot be a record file fails here, before training
             record_path(opts.out, sc.name, m, opts.seed)
-        plan.append((ctx, methods))
+        plan.append((ctx, [m for m in methods if m not in refused]))
+    total = sum(len(ms) for _, ms in plan) + len(failures)
     for ctx, methods in plan:
         for m in methods:
-            written.append(run_one(ctx, m, opts))
+            try:
+                written.append(run_one(ctx, m, opts))
+            except FCTError as e:
+                if distributed.active():
+                    raise  # every rank must leave together: the launcher reports it
+                _pair_failed(failures, ctx.scenario.name, m, str(e))
     if not distributed.is_main():
         return []  # records and the report are rank 0's
-    from fct.report import build_report
+    if written:
+        from fct.report import build_report
 
-    build_report(suite.name, [opts.out], opts.out)
-    log.info("report written to %s", opts.out)
+        reference = opts.reference
+        if reference is not None and not (reference / "runs").is_dir():
+            reference = None
+        build_report(
+            suite.name, [opts.out], opts.out, **({"reference": reference} if reference else {})
+        )
+        log.info("report written to %s", opts.out)
+    if failures:
+        raise FCTError(
+            f"{len(failures)} of {total} (scenario, method) pairs did not run: "
+            f"{'; '.join(failures)}; the other records are in {opts.out / 'runs'}"
+        )
     return written

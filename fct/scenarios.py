@@ -1,4 +1,4 @@
-"""Suites and scenarios: TOML files under suites/ turned into frozen, validated dataclasses.
+"""Suites and scenarios: suite TOML files (fct/suites/, $FCT_SUITES, a path) turned into frozen, validated dataclasses.
 
 A suite file has a ``[suite]`` table (name, description, methods), optional ``[defaults]``
 tables, and ``[[scenario]]`` entries. Specs are merged in this order, later wins::
@@ -36,11 +36,12 @@ from fct.suite_checks import (  # noqa: F401  (parse_set: re-exported)
     _string_list,
     _table,
     _validate_scenario,
+    apply_set_paths,
     check_name,
     parse_set,  # noqa: F401  (ARCH_ARGS, NAME_MAX: re-exported)
 )
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
 KINDS = ("class-subset", "cross-dataset", "cross-loss", "cross-architecture", "cross-dimension")
 
 
@@ -297,12 +298,14 @@ def parse_suite(
     text: str, name: str, path: Path, overrides: dict[str, dict[str, Any]] | None = None
 ) -> Suite:
     """Parse and validate suite TOML ``text``; ``path`` is used in messages; ``overrides``
-    are ``--set`` method settings (see parse_set)."""
+    are ``--set`` overrides (see parse_set): method settings, and keys of the file."""
     overrides = overrides or {}
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FCTError(f"{path}: TOML error: {e}; fix the file") from e
+    apply_set_paths(doc, overrides, str(path))
+    overrides = {k: v for k, v in overrides.items() if not isinstance(k, tuple)}
     _check_keys(doc, _SECTIONS, str(path))
     head = _table(doc, "suite", str(path))
     _check_keys(head, _SUITE_KEYS, f"{path} [suite]")
@@ -447,26 +450,36 @@ def _parse_scenario(
     return sc
 
 
+def suite_folders(suites_dir: Path | None = None) -> list[Path]:
+    """Where suites are looked up by name, first match wins: ``suites_dir`` when given, else
+    the folders of ``$FCT_SUITES`` (separated by the OS path separator), then the suites
+    shipped inside the package (fct/suites/, installed as package data)."""
+    if suites_dir is not None:
+        return [Path(suites_dir)]
+    extra = [Path(p) for p in os.environ.get("FCT_SUITES", "").split(os.pathsep) if p]
+    return [*extra, SUITES_DIR]
+
+
 def suite_path(name: str, suites_dir: Path | None = None) -> Path:
-    """The file of suite ``name``: a path to a .toml, or suites/NAME.toml."""
+    """The file of suite ``name``: a path to a .toml, or NAME.toml in the suite folders."""
     p = Path(name)
     if p.suffix == ".toml":
         if not p.exists() and not p.is_symlink():
             raise FCTError(f"suite file {p} does not exist; check the path")
         return p  # not a regular file: load_suite's bounded read names the problem
-    folder = suites_dir or Path(os.environ.get("FCT_SUITES", SUITES_DIR))
-    path = folder / f"{name}.toml"
-    if not path.is_file():
-        raise FCTError(
-            f"unknown suite '{name}'{did_you_mean(name, list_suites(folder))}; see `fct list suites`"
-        )
-    return path
+    for folder in suite_folders(suites_dir):
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            return path
+    raise FCTError(
+        f"unknown suite '{name}'{did_you_mean(name, list_suites(suites_dir))}; see "
+        "`fct list suites`, or pass the path of a .toml file"
+    )
 
 
 def list_suites(folder: Path | None = None) -> list[str]:
-    """Names of the suites in the suites folder."""
-    folder = folder or Path(os.environ.get("FCT_SUITES", SUITES_DIR))
-    return sorted(p.stem for p in folder.glob("*.toml"))
+    """Names of the suites found in the suite folders (see suite_folders)."""
+    return sorted({p.stem for f in suite_folders(folder) for p in f.glob("*.toml")})
 
 
 SUITE_MAX_BYTES = 4 << 20
@@ -477,7 +490,7 @@ def load_suite(
     suites_dir: Path | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> Suite:
-    """Load and validate a suite by name (suites/NAME.toml) or by path to a .toml file;
+    """Load and validate a suite by name (see suite_folders) or by path to a .toml file;
     ``overrides``: ``--set`` method settings (see parse_set)."""
     from fct.io import read_regular_bytes
 

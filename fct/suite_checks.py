@@ -302,7 +302,7 @@ def _validate_transformation(t: TransformationSpec, where: str) -> None:
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     if not isinstance(table, dict):
-        raise FCTError(f"{where} must be a table, got {table!r}; see suites/quickstart.toml")
+        raise FCTError(f"{where} must be a table, got {table!r}; see fct/suites/quickstart.toml")
     for key in table:
         if key in _MOVED and key not in allowed:
             raise FCTError(f"{where}: '{key}' is no longer a key here; {_MOVED[key]}")
@@ -313,18 +313,68 @@ def _check_keys(table: dict, allowed: set[str], where: str) -> None:
             )
 
 
-def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """``--set NAME.KEY=VALUE`` overrides as {method: {key: value}}; VALUE is read as TOML
-    (``0.5``, ``true``, ``"mean"``; a bare word is taken as a string)."""
-    out: dict[str, dict[str, Any]] = {}
+#: First parts of a ``--set`` path that name a table of the suite file, not a method.
+SET_SECTIONS = ("suite", "defaults", "methods", "scenario")
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[Any, Any]:
+    """``--set`` overrides. ``METHOD.SETTING=VALUE`` (``bct.weight=0.5``) overrides a method
+    setting in every scenario: returned as ``{method: {setting: value}}``. A path whose first
+    part is a table of the suite file (``defaults.model.epochs=2``, ``suite.methods=[...]``,
+    ``methods.bct.weight=2``, ``scenario.NAME.new.epochs=3``) sets that key of the file before
+    it is validated: returned under the tuple of its parts, ``{("defaults", "model",
+    "epochs"): 2}``. VALUE is read as TOML (``0.5``, ``true``, ``"mean"``, ``[0, 5]``; a bare
+    word is taken as a string)."""
+    out: dict[Any, Any] = {}
     for item in items:
         head, eq, raw = item.partition("=")
-        method, dot, key = head.strip().partition(".")
-        if not eq or not dot or not method or not key:
-            raise FCTError(f"--set takes METHOD.SETTING=VALUE, e.g. bct.weight=0.5; got {item!r}")
+        parts = tuple(p.strip() for p in head.split("."))
+        if not eq or len(parts) < 2 or not all(parts):
+            raise FCTError(
+                "--set takes METHOD.SETTING=VALUE (e.g. bct.weight=0.5) or a key of the suite "
+                f"file (e.g. defaults.model.epochs=2); got {item!r:.120}"
+            )
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
-        out.setdefault(method, {})[key] = value
+        if parts[0] in SET_SECTIONS:
+            if parts[0] == "scenario" and len(parts) < 3:
+                raise FCTError(
+                    f"--set scenario.NAME.KEY=VALUE names a scenario and a key; got {item!r:.120}"
+                )
+            out[parts] = value
+        elif len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise FCTError(
+                f"--set {head!r:.80}: a method setting is METHOD.SETTING (two parts); a longer "
+                f"path starts with one of {', '.join(SET_SECTIONS)} (a key of the suite file)"
+            )
     return out
+
+
+def apply_set_paths(doc: dict[str, Any], overrides: dict[Any, Any], where: str) -> None:
+    """Set the suite-file keys of ``overrides`` (tuple paths from parse_set) in the parsed
+    TOML ``doc``, creating tables on the way; validation happens afterwards, as for the file."""
+    for path, value in overrides.items():
+        if not isinstance(path, tuple):
+            continue
+        shown = ".".join(path)
+        table: Any = doc
+        keys = list(path)
+        if keys[0] == "scenario":
+            entries = doc.get("scenario")
+            named = [e for e in entries or [] if isinstance(e, dict) and e.get("name") == keys[1]]
+            if not named:
+                names = [e.get("name") for e in entries or [] if isinstance(e, dict)]
+                raise FCTError(
+                    f"--set {shown}: {where} has no scenario '{keys[1]:.80}'"
+                    f"{did_you_mean(keys[1], [n for n in names if isinstance(n, str)])}"
+                )
+            table, keys = named[0], keys[2:]
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise FCTError(f"--set {shown}: '{key}' is not a table in {where}")
+        table[keys[-1]] = value

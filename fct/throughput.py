@@ -70,7 +70,7 @@ class Sizes:
 SIZES = {
     # The FCT paper's setting: ResNet50 at 224 px with 128-d embeddings, h with side-info.
     "reference": Sizes("reference", 128, 128, 128, 2048, "resnet50", 1000, 3, 224, None, 32, 256),
-    # suites/quickstart.toml: Fashion-MNIST, timm's test_resnet, 64-d side-info, hidden 512.
+    # fct/suites/quickstart.toml: Fashion-MNIST, timm's test_resnet, 64-d side-info, hidden 512.
     "quickstart": Sizes(
         "quickstart", 128, 128, 64, 512, "test_resnet", 10, 1, 28, False, 1024, 4096
     ),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fct.errors import FCTError
 from fct.methods.base import Deployment, Method, Settings, register_method
+from fct.methods.old_batch import check_equal_dims
 
 if TYPE_CHECKING:
     from fct.context import Context
@@ -21,6 +22,10 @@ class Independent(Method):
     """No compatibility: the new model is trained alone; the gallery keeps old embeddings."""
 
     label = "Independent"
+
+    def check(self, scenario: Scenario) -> None:
+        """The cross case puts new queries against the untouched old gallery: equal sizes."""
+        check_equal_dims("Independent", scenario.old.embedding_dim, scenario.new.embedding_dim)
 
     def fit(self, ctx: Context) -> Deployment:
         new = ctx.new_model()
@@ -148,6 +153,14 @@ class FCT(Method):
 
     label = "FCT"
     use_side = False
+
+    def check(self, scenario: Scenario) -> None:
+        """fct_side needs the scenario's side-information model."""
+        if self.use_side and scenario.side is None:
+            raise FCTError(
+                f"scenario '{scenario.name}' has no side-information model; set side_info = "
+                "true or use fct"
+            )
 
     def fit(self, ctx: Context) -> Deployment:
         new = ctx.new_model()
