@@ -302,7 +302,7 @@ def _validate_transformation(t: TransformationSpec, where: str) -> None:
 
 def _check_keys(table: dict, allowed: set[str], where: str) -> None:
     if not isinstance(table, dict):
-        raise FCTError(f"{where} must be a table, got {table!r}; see fct/suites/quickstart.toml")
+        raise FCTError(f"{where} must be a table, got {table!r}; see docs/suites.md")
     for key in table:
         if key in _MOVED and key not in allowed:
             raise FCTError(f"{where}: '{key}' is no longer a key here; {_MOVED[key]}")

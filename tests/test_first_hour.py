@@ -204,3 +204,12 @@ def test_bad_set_paths_are_one_line(item, message):
     with pytest.raises(FCTError, match=None) as info:
         load_suite("tiny", overrides=parse_set([item]))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_no_shipped_suite_lists_a_method_its_scenario_refuses():
+    from fct.scenarios import list_suites
+
+    for name in list_suites():
+        for sc in load_suite(name).scenarios:
+            for m in sc.methods:
+                sc.method(m).check(sc)  # raises FCTError naming the pair
