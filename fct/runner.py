@@ -506,12 +506,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     if written:
         from fct.report import build_report
 
-        reference = opts.reference
-        if reference is not None and not (reference / "runs").is_dir():
-            reference = None
-        build_report(
-            suite.name, [opts.out], opts.out, **({"reference": reference} if reference else {})
-        )
+        build_report(suite.name, [opts.out], opts.out, reference=opts.reference)
         log.info("report written to %s", opts.out)
     if failures:
         raise FCTError(

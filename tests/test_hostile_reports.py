@@ -31,6 +31,7 @@ from fct.report.leaderboard import leaderboard_csv, leaderboard_markdown
 from fct.report.plots import plain
 from fct.report.records import SOURCE_KEY, check_same_artifacts
 from fct.report.render import csv_cell, md_escape, md_line, tex_escape
+from fct.report.reproduction import compare
 from fct.report.summary import summarize
 from fct.report.tables import scenario_markdown, scenario_tables
 
@@ -218,6 +219,13 @@ CORRUPT = {
     "artifacts a list": _wrong_nested(lambda r: r.update(artifacts=["models/x"])),
     "artifact digest an int": _wrong_nested(lambda r: r.update(artifacts={"models/x": 1})),
     "auc a list": _wrong_nested(lambda r: r.update(auc=[1.0])),
+    "weights digest a list": _wrong_nested(lambda r: r.update(artifact_weights={"models/x": []})),
+    "models a string": _wrong_nested(lambda r: r.update(models="models/x")),
+    "notes a number": _wrong_nested(lambda r: r.update(notes=3)),
+    "smoke a string": _wrong_nested(lambda r: r.update(smoke="true")),
+    "negative own training time": _wrong_nested(
+        lambda r: r["costs"].update(train_seconds_method=-5.0)
+    ),
     "cost 1e300": _wrong_nested(lambda r: r["costs"].update(train_seconds=1e300)),
     "negative throughput": _wrong_nested(
         lambda r: r["costs"].update(backfill_images_per_s=-1000.0)
@@ -295,6 +303,16 @@ def test_every_key_of_a_record_with_every_wrong_value_is_refused_or_reported(
     others = [r for r in base_records() if (r["scenario"], r["method"]) != ("a", "fct")]
     template = make_record("a", "fct", (45.0, 25.0), label="FCT", curves={"random": [1.0] * 22})
     template["artifacts"] = {"models/old": "d1"}
+    template["artifact_weights"] = {"models/old": "0123456789abcdef0123"}
+    template["models"] = {"old": "models/old", "query": "models/old"}
+    template["notes"] = {"rows": 5, "what": "text"}
+    template["smoke"] = False
+    template["config_hash"] = "abc"
+    template["costs"].update(train_seconds_method=1.0, train_seconds_shared=2.0)
+    template["provenance"]["world_size"] = 1
+    template["scenario_config"]["transformation"] = {"epochs": 3, "features": "cached"}
+    template["scenario_config"]["old"].update(epochs=2, lr=0.1, max_per_class=10)
+    template["method_config"]["settings"] = {"weight": 1.0}
     template["auc"] = {"random": 1.0}
     tried = refused = 0
     for key_path in _paths(template):
@@ -318,6 +336,9 @@ def test_every_key_of_a_record_with_every_wrong_value_is_refused_or_reported(
                 tables = [scenario_tables(summary, s) for s in summary.scenarios]
                 for t in tables:
                     scenario_markdown(t)
+                index_html(summary, tables, {})
+                summary.reproduction = compare(summary, Path("ref"), recs)
+                summary.reproduction.markdown(SUITE)
                 index_html(summary, tables, {})
             except FCTError as e:
                 refused += 1
@@ -422,7 +443,7 @@ def test_csv_neutralises_formulas_but_keeps_numbers(tmp_path: Path) -> None:
     assert "'=cmd" in labels
     header = rows[0]
     bct = next(r for r in rows if r[1] == "bct")
-    assert bct[header.index("a/new_new_cost_mAP")] == "-5.0"  # a negative number stays one
+    assert bct[header.index("a/new_new_change_mAP")] == "-5.0"  # a negative number stays one
     assert csv_cell("-1.5") == "-1.5" and csv_cell("+2e-05") == "+2e-05"
     assert csv_cell("-1.5x") == "'-1.5x" and csv_cell("\uff1dcmd") == "'\uff1dcmd"
 

@@ -187,10 +187,10 @@ def test_leaderboard_numbers(built: tuple[Path, list[Path]]) -> None:
     assert float(fct["a/cross_top1"]) == 45.0
     assert float(fct["a/cross_mAP"]) == 25.0
     assert float(fct["a/gain_mAP"]) == pytest.approx(25.0 - 15.0)
-    assert float(fct["a/new_new_cost_mAP"]) == 0.0
-    assert float(rows["bct"]["a/new_new_cost_mAP"]) == pytest.approx(30.0 - 35.0)
+    assert float(fct["a/new_new_change_mAP"]) == 0.0
+    assert float(rows["bct"]["a/new_new_change_mAP"]) == pytest.approx(30.0 - 35.0)
     assert float(rows["bct"]["b/gain_mAP"]) == pytest.approx(14.0 - 15.0)
-    assert float(rows["independent"]["a/new_new_cost_mAP"]) == 0.0
+    assert float(rows["independent"]["a/new_new_change_mAP"]) == 0.0
     assert float(fct["mean/cross_mAP"]) == pytest.approx(24.5)
     assert float(fct["mean/cross_top1"]) == pytest.approx(44.5)
     assert fct["label"] == "FCT"
@@ -238,18 +238,18 @@ def test_md_header_line(tmp_path: Path) -> None:
     assert "cpu (test)" in header and "NVIDIA H100" in header
 
 
-def test_new_new_cost_blank_without_independent(tmp_path: Path) -> None:
+def test_new_new_change_blank_without_independent(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for rec in base_records():
         if rec["method"] != "independent":
             write_record(folder, rec)
     build_report(SUITE, [folder])
     rows = read_csv(folder / "leaderboard.csv")
-    assert rows["bct"]["a/new_new_cost_mAP"] == ""
+    assert rows["bct"]["a/new_new_change_mAP"] == ""
     assert rows["fct"]["a/gain_mAP"] == "10.0"
 
 
-def test_new_new_cost_pairs_seeds(tmp_path: Path) -> None:
+def test_new_new_change_pairs_seeds(tmp_path: Path) -> None:
     # Independent new/new mAP 35 (seed 0), 37 (seed 1); BCT 30, 34: per-seed costs -5 and -3.
     # fct ran seed 2 only, which Independent did not: compared with Independent's mean, 36.
     folder = tmp_path / "r"
@@ -261,9 +261,9 @@ def test_new_new_cost_pairs_seeds(tmp_path: Path) -> None:
     write_record(folder, make_record("a", "fct", (45.0, 25.0), seed=2, new=(55.0, 35.5)))
     build_report(SUITE, [folder])
     rows = read_csv(folder / "leaderboard.csv")
-    assert float(rows["bct"]["a/new_new_cost_mAP_mean"]) == pytest.approx(-4.0)
-    assert float(rows["bct"]["a/new_new_cost_mAP_std"]) == pytest.approx(2**0.5, abs=1e-4)
-    assert float(rows["fct"]["a/new_new_cost_mAP_mean"]) == pytest.approx(-0.5)
+    assert float(rows["bct"]["a/new_new_change_mAP_mean"]) == pytest.approx(-4.0)
+    assert float(rows["bct"]["a/new_new_change_mAP_std"]) == pytest.approx(2**0.5, abs=1e-4)
+    assert float(rows["fct"]["a/new_new_change_mAP_mean"]) == pytest.approx(-0.5)
 
 
 def test_method_missing_a_scenario_is_unranked(results: Path) -> None:
@@ -475,7 +475,9 @@ def test_plugin_rows_use_label_and_follow_builtins(results: Path) -> None:
     assert names[names.index("FCT + side-info") + 1] == "My compat"
     assert "My compat new/new" in names  # its own new model differs from Independent's
     assert "FCT new/new" not in names
-    assert float(read_csv(results / "leaderboard.csv")["aaa_plugin"]["a/new_new_cost_mAP"]) == -7.0
+    assert (
+        float(read_csv(results / "leaderboard.csv")["aaa_plugin"]["a/new_new_change_mAP"]) == -7.0
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +736,7 @@ def test_corrupt_json_error(tmp_path: Path) -> None:
 
 
 def test_metric_table_is_complete() -> None:
-    for key in ("cross_top1", "cross_top5", "cross_mAP", "cross_mAP@R", "gain_mAP", "new_new_cost_mAP",
+    for key in ("cross_top1", "cross_top5", "cross_mAP", "cross_mAP@R", "gain_mAP", "new_new_change_mAP",
                 "backfill_fraction", "update_cost_s", "transform_embeddings_per_s"):  # fmt: skip
         m = METRICS[key]
         assert m.key == key and m.description and m.label

@@ -115,7 +115,7 @@ def test_methods_that_train_their_own_new_model_get_a_new_new_row(tmp_path: Path
     assert "BCT, scaled new/new" in names and "RACT new/new" in names
     assert "FCT, wide h new/new" not in names  # FCT's base keeps Independent's new model
     rows = read_csv(folder / "leaderboard.csv")
-    assert float(rows["bct_scaled"]["a/new_new_cost_mAP"]) == 0.0
+    assert float(rows["bct_scaled"]["a/new_new_change_mAP"]) == 0.0
 
 
 def with_models(rec: dict[str, Any], new_digest: str) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def test_independent_is_found_by_base() -> None:
     summary = summarize(recs, SUITE)
     assert summary.independent("a") == "indep_run"
     assert summary.reference("a", "new/new").method == "indep_run"
-    assert summary.cell("a", "bct").stats["new_new_cost_mAP"].mean == pytest.approx(-5.0)
+    assert summary.cell("a", "bct").stats["new_new_change_mAP"].mean == pytest.approx(-5.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """``build_report``: every report file of a suite, from its run records only.
 
 The report is built whole in a hidden temp folder beside its final place (``OUT/.report-tmp-*``)
-and only then swapped in, entry by entry (``leaderboard.csv``, ``leaderboard.md``, ``tables/``,
-``plots/``, ``index.html``): a report that fails half-way (a bad label, a full disk, a bug)
+and only then swapped in, entry by entry (``tables/``, ``plots/``, ``leaderboard.csv``,
+``leaderboard.md``, ``reproduction.md``, ``index.html``): a report that fails half-way (a bad label, a full disk, a bug)
 leaves the previous report exactly as it was, never a mix of new and stale files. The output
 folder is usually the results folder itself; its ``runs/`` is never touched.
 """
@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fct.errors import FCTError
-from fct.io import DISK_FULL, fsync_dir
+from fct.io import DISK_FULL, fsync_dir, write_text
 from fct.report.html import write_index
 from fct.report.leaderboard import write_leaderboard
 from fct.report.plots import write_plots
 from fct.report.records import load_records
+from fct.report.reproduction import compare, load_reference
 from fct.report.summary import Summary, summarize
 from fct.report.tables import write_tables
 
@@ -31,7 +32,15 @@ log = logging.getLogger(__name__)
 
 #: What a report consists of, in the order it is swapped in: folders first and index.html
 #: last, so the page a reader opens is the last file to change.
-REPORT_ENTRIES = ("tables", "plots", "leaderboard.csv", "leaderboard.md", "index.html")
+#: An entry the new report lacks (reproduction.md without a reference) is removed.
+REPORT_ENTRIES = (
+    "tables",
+    "plots",
+    "leaderboard.csv",
+    "leaderboard.md",
+    "reproduction.md",
+    "index.html",
+)
 TMP_PREFIX = ".report-tmp-"
 OLD_PREFIX = ".report-old-"
 LOCK_NAME = ".report.lock"
@@ -40,24 +49,35 @@ LOCK_NAME = ".report.lock"
 def build_report(
     suite: str,
     results_dirs: list[Path] | list[str | os.PathLike[str]],
-    out: Path | None = None,
+    out: Path | str | os.PathLike[str] | None = None,
+    reference: Path | str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Merge the run records of ``results_dirs`` and write the suite's report into ``out``.
 
     ``out`` defaults to the first results folder. Writes, in this order:
     ``leaderboard.csv``, ``leaderboard.md``, ``tables/SCENARIO.{md,tex}``,
     ``plots/bars_SCENARIO.{png,pdf}`` (and ``plots/curves_SCENARIO.{png,pdf}`` when runs
-    recorded backfilling curves), ``plots/update_cost.{png,pdf}`` and ``index.html``; returns
-    their paths. All of them are built in a temp folder and swapped in together, replacing the
-    previous report (``tables/`` and ``plots/`` as whole folders); on any error the previous
-    report is left as it was. Raises FCTError when there are no records of ``suite`` or a
-    record is malformed.
+    recorded backfilling curves), ``plots/update_cost.{png,pdf}``, ``reproduction.md`` (with a
+    reference) and ``index.html``; returns their paths. All of them are built in a temp folder
+    and swapped in together, replacing the previous report (``tables/`` and ``plots/`` as whole
+    folders); on any error the previous report is left as it was. Raises FCTError when there
+    are no records of ``suite`` or a record is malformed.
+
+    ``reference`` is a results folder of reference records (the project's
+    ``results/reference/SUITE``): loaded on its own, never merged or ranked with the run's
+    records, it adds the reproduction check (``reproduction.md``, a section of index.html and
+    a line in leaderboard.md). A missing folder, or one without records of ``suite``, adds
+    nothing; a malformed reference record raises FCTError.
     """
     start = time.perf_counter()
     folders = [Path(d) for d in results_dirs]
     records = load_records(folders, suite=suite)
     out = Path(out) if out is not None else folders[0]
     summary = summarize(records, suite)
+    if reference is not None:
+        ref_records = load_reference(Path(reference), suite, folders)
+        if ref_records is not None:
+            summary.reproduction = compare(summary, Path(reference), ref_records)
     with _report_lock(out):
         _remove_leftovers(out)
         with _staging(out) as tmp:
@@ -72,6 +92,8 @@ def build_report(
         out,
         time.perf_counter() - start,
     )
+    if summary.reproduction is not None:
+        log.info("reproduction check: %s", summary.reproduction.verdict())
     return paths
 
 
@@ -81,6 +103,9 @@ def _write_all(summary: Summary, folder: Path) -> list[Path]:
     table_paths, tables = write_tables(summary, folder)
     plot_paths = write_plots(summary, folder)
     paths += table_paths + plot_paths
+    if summary.reproduction is not None:
+        repro = summary.reproduction.markdown(summary.suite)
+        paths.append(write_text(folder / "reproduction.md", repro))
     paths.append(write_index(summary, tables, plot_paths, folder))
     return paths
 
@@ -151,7 +176,8 @@ def _remove(path: Path) -> None:
 def _swap_in(tmp: Path, out: Path) -> None:
     """Move every report entry of ``tmp`` into ``out``, the old ones aside first.
 
-    The old entries go to ``OUT/.report-old-*`` and are deleted once all new ones are in
+    An old entry the new report does not have (reproduction.md of a report that had a
+    reference) goes aside too, and is deleted with the others. The old entries go to ``OUT/.report-old-*`` and are deleted once all new ones are in
     place; if a rename fails half-way, the new entries already moved are taken out again and
     the old ones put back, so ``out`` holds the complete old report or the complete new one.
     """
@@ -161,13 +187,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
     restored = True
     try:
         for name in REPORT_ENTRIES:
-            if not (tmp / name).exists():
-                continue
             if os.path.lexists(out / name):
                 os.rename(out / name, old / name)
                 moved_aside.append(name)
-            os.rename(tmp / name, out / name)
-            placed.append(name)
+            if (tmp / name).exists():
+                os.rename(tmp / name, out / name)
+                placed.append(name)
         fsync_dir(out)
     except BaseException:
         for name in placed:

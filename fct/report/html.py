@@ -12,10 +12,12 @@ import html
 from pathlib import Path
 
 from fct.io import write_text
+from fct.report.details import provenance_table
 from fct.report.leaderboard import leaderboard_table, reference_table
 from fct.report.render import to_html
-from fct.report.summary import Summary, slug
-from fct.report.tables import BACKFILL_TITLE, ScenarioTables
+from fct.report.reproduction import TITLE as REPRODUCTION
+from fct.report.summary import SMOKE_TITLE, Summary, slug
+from fct.report.tables import BACKFILL_TITLE, SETTINGS_TITLE, ScenarioTables
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
@@ -31,6 +33,9 @@ tr.rule td { border-top: 2px solid #999; }
 p.note, p.meta { font-size: 0.85em; color: #555; max-width: 60em; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0 1.5em; }
 nav a { margin-right: 1em; }
+.banner { background: #fff3cd; border: 2px solid #d39e00; color: #5c4400; padding: 0.6em 1em;
+          font-weight: 600; margin: 1em 0; }
+p.verdict { font-weight: 600; }
 """
 
 
@@ -44,30 +49,55 @@ def _anchor(scenario: str) -> str:
 
 
 def index_html(summary: Summary, tables: list[ScenarioTables], plots: dict[str, Path]) -> str:
-    """The page: header, leaderboard, references, then per scenario its tables and plots.
+    """The page: title (and a banner for a smoke run), header, reproduction verdict,
+    leaderboard, references, the reproduction check, then per scenario its tables, plots and
+    settings, and last the provenance of the runs.
 
     ``plots`` maps a plot name (``bars_SLUG``, ``curves_SLUG``, ``update_cost``) to its PNG.
     """
     esc = html.escape
-    title = f"FCT Bench report: {summary.suite}"
-    nav = " ".join(f'<a href="#{_anchor(t.scenario)}">{esc(t.scenario)}</a>' for t in tables)
+    title = summary.title(f"FCT Bench report: {summary.suite}")
+    repro = summary.reproduction
+    links = [(_anchor(t.scenario), t.scenario) for t in tables] + [("provenance", "provenance")]
+    if repro is not None:
+        links.insert(0, ("reproduction", REPRODUCTION.lower()))
+    nav = " ".join(f'<a href="#{a}">{esc(text)}</a>' for a, text in links)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        f'<p class="meta">{esc(summary.header())}</p>',
+    ]
+    if summary.smoke:
+        parts.append(
+            f'<div class="banner" role="alert">{esc(SMOKE_TITLE)}: made by `fct run --smoke` '
+            "(a few images per class, one epoch) to check that everything runs. "
+            "These numbers say nothing about the methods; run without --smoke for results.</div>"
+        )
+    parts.append(f'<p class="meta">{esc(summary.header())}</p>')
+    if repro is not None:
+        parts.append(f'<p class="verdict">{esc(REPRODUCTION)}: {esc(repro.verdict())}</p>')
+    parts += [
         f"<nav>{nav}</nav>",
         "<h2>Leaderboard</h2>",
         f'<div class="scroll">{to_html(leaderboard_table(summary))}</div>',
         "<h3>Reference numbers (old/old, new/new)</h3>",
         f'<div class="scroll">{to_html(reference_table(summary))}</div>',
     ]
+    if repro is not None:
+        parts += [
+            f'<h2 id="reproduction">{esc(REPRODUCTION)}</h2>',
+            f'<p class="verdict">{esc(repro.verdict())}</p>',
+            f'<p class="meta">{esc(repro.reference_info)}</p>',
+        ]
+        table = repro.table()
+        if table is not None:
+            parts.append(f'<div class="scroll">{to_html(table)}</div>')
     if "update_cost" in plots:
         parts += [
-            "<h2>Accuracy vs update cost</h2>",
-            _img(plots["update_cost"], "accuracy vs update cost"),
+            "<h2>Cross mAP vs update cost</h2>",
+            _img(plots["update_cost"], "cross mAP vs update cost"),
         ]
     for t in tables:
         name = slug(t.scenario)
@@ -78,12 +108,27 @@ def index_html(summary: Summary, tables: list[ScenarioTables], plots: dict[str, 
             parts.append(f"<h3>{esc(BACKFILL_TITLE)}</h3>")
             parts.append(f'<div class="scroll">{to_html(t.backfill)}</div>')
         if f"bars_{name}" in plots:
-            parts.append(_img(plots[f"bars_{name}"], f"{t.scenario}: cross accuracy per method"))
+            parts.append(
+                _img(plots[f"bars_{name}"], f"{t.scenario}: cross top-1 and mAP per method")
+            )
         if f"curves_{name}" in plots:
-            parts.append(_img(plots[f"curves_{name}"], f"{t.scenario}: backfilling curves"))
+            parts.append(
+                _img(plots[f"curves_{name}"], f"{t.scenario}: backfilling curves (cross mAP)")
+            )
         parts.append("<h3>Update cost</h3>")
         parts.append(f'<div class="scroll">{to_html(t.costs)}</div>')
-    parts.append("</body></html>")
+        parts.append(f"<h3>{esc(SETTINGS_TITLE)}</h3>")
+        if t.training is not None:
+            parts.append(f'<div class="scroll">{to_html(t.training)}</div>')
+        if t.transformation:
+            parts.append(f'<p class="meta">{esc(t.transformation)}</p>')
+        if t.methods is not None:
+            parts.append(f'<div class="scroll">{to_html(t.methods)}</div>')
+    parts += [
+        '<h2 id="provenance">Provenance</h2>',
+        f'<div class="scroll">{to_html(provenance_table(summary.records))}</div>',
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"
 
 

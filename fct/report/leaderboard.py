@@ -15,10 +15,11 @@ from pathlib import Path
 from fct.io import write_text
 from fct.report.metric_table import DASH, METRICS, auc_metric, csv_value
 from fct.report.render import Table, csv_cell, md_escape, md_line, to_markdown
+from fct.report.reproduction import TITLE as REPRODUCTION
 from fct.report.summary import WITHIN_STD, Cell, Summary
 
 #: Per-scenario leaderboard columns, by metric-table key.
-SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_cost_mAP")
+SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_change_mAP")
 #: Diagnostic columns, shown when any record has them (older records leave them blank): the
 #: cross case under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
 COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
@@ -47,9 +48,10 @@ DIAGNOSTICS = (
 )
 DEFINITIONS = (
     "cross: queries embedded by the new model against the updated gallery. "
-    "gain = cross mAP − old/old mAP. new/new cost = the method's new/new mAP − Independent's "
-    "new/new mAP on the same scenario (0 for Independent, blank when Independent was not run; "
-    "negative: the method made the new model worse). Values in %; differences in percentage "
+    "gain = cross mAP − old/old mAP. new/new change = the method's new/new mAP − Independent's "
+    "new/new mAP on the same scenario: positive = the method's new model is better than "
+    "Independent's, negative = worse (the price BCT's influence loss can pay); 0 for "
+    "Independent, blank when Independent was not run. Values in %; differences in percentage "
     "points. mean = mean over scenarios; a method missing a scenario has no mean and no rank."
 )
 
@@ -122,12 +124,15 @@ def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
     """The wide CSV: ``rank,method,label,mean/...,SCENARIO/KEY...``.
 
     With several seeds anywhere, each per-scenario number becomes ``KEY_mean`` and ``KEY_std``
-    (sample std, blank for one seed) and a ``SCENARIO/seeds`` count is added.
+    (sample std, blank for one seed) and a ``SCENARIO/seeds`` count is added. A report of
+    ``--smoke`` records gets a first column ``smoke``, ``yes`` on every row (smoke and full
+    runs are never reported together).
     """
     rows = rows if rows is not None else leaderboard_rows(summary)
     multi = summary.multi_seed
     keys = scenario_metrics(summary)
-    header = ["rank", "method", "label", *(f"mean/{k}" for k in MEAN_METRICS)]
+    smoke = ["smoke"] if summary.smoke else []
+    header = [*smoke, "rank", "method", "label", *(f"mean/{k}" for k in MEAN_METRICS)]
     for s in summary.scenarios:
         for k in keys:
             header += [f"{s}/{k}_mean", f"{s}/{k}_std"] if multi else [f"{s}/{k}"]
@@ -138,6 +143,7 @@ def leaderboard_csv(summary: Summary, rows: list[Row] | None = None) -> str:
     writer.writerow([csv_cell(h) for h in header])
     for row in rows:
         line = [
+            *(["yes"] if smoke else []),
             "" if row.rank is None else str(row.rank),
             row.method,
             row.label,
@@ -194,7 +200,7 @@ def _short(key: str) -> str:
         "cross_top1": "cross top-1",
         "cross_mAP": "cross mAP",
         "gain_mAP": "gain",
-        "new_new_cost_mAP": "new/new cost",
+        "new_new_change_mAP": "new/new change",
     }.get(key, _metric(key).label)
 
 
@@ -217,10 +223,17 @@ def reference_table(summary: Summary) -> Table:
 
 
 def leaderboard_markdown(summary: Summary, rows: list[Row] | None = None) -> str:
-    """leaderboard.md: header line, the leaderboard with its criterion, the reference table."""
+    """leaderboard.md: title (marked for a smoke run), header line, the reproduction verdict
+    (with a reference), the leaderboard with its criterion, the reference table."""
+    repro = summary.reproduction
+    verdict = (
+        f"{md_line(f'{REPRODUCTION}: {repro.verdict()} (reproduction.md)')}\n\n"
+        if repro is not None
+        else ""
+    )
     return (
-        f"# Leaderboard: {md_escape(summary.suite)}\n\n"
-        f"{md_line(summary.header())}\n\n"
+        f"# {md_escape(summary.title(f'Leaderboard: {summary.suite}'))}\n\n"
+        f"{md_line(summary.header())}\n\n{verdict}"
         f"{to_markdown(leaderboard_table(summary, rows))}\n"
         "## Reference numbers (old/old, new/new)\n\n"
         f"{to_markdown(reference_table(summary))}"

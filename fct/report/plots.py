@@ -1,4 +1,4 @@
-"""Plots: per-scenario bar charts, accuracy vs update cost, backfilling curves (PNG + PDF).
+"""Plots: per-scenario bar charts, cross mAP vs update cost, backfilling curves (PNG + PDF).
 
 matplotlib is imported inside the functions that draw, so ``import fct.report`` stays fast.
 Figures are made with ``matplotlib.figure.Figure`` on an explicit Agg canvas instead of
@@ -18,7 +18,7 @@ from typing import Any
 
 from fct.io import atomic_path
 from fct.report.metric_table import METRICS, Metric, update_cost_per_item
-from fct.report.summary import Cell, Summary, slug
+from fct.report.summary import SMOKE_TITLE, Cell, Summary, slug
 
 FIGSIZE = (8.0, 4.5)
 DPI = 110
@@ -95,29 +95,41 @@ def _limits(ax: Any, metric: Metric, values: list[float], axis: str = "y") -> No
     getattr(ax, f"set_{axis}lim")(bottom, top)
 
 
-def bar_chart(summary: Summary, scenario: str, stem: Path) -> list[Path]:
-    """Cross top-1 and mAP per method, with old/old and new/new as reference lines."""
+def _title(summary: Summary, text: str) -> str:
+    """A plot title, under a first line saying SMOKE RUN for a smoke report."""
+    return f"{SMOKE_TITLE}\n{text}" if summary.smoke else text
+
+
+#: Height of one method's row in the bar chart (inches), and of everything else around it.
+BAR_ROW = 0.42
+BAR_FRAME = 1.9
+
+
+def bar_figure(summary: Summary, scenario: str) -> Any:
+    """Cross top-1 and mAP per method as horizontal bars (one row per method, so any number
+    of long method names stay apart), with old/old (dashed) and new/new (dotted) as reference
+    lines; the value axis names both metrics."""
     import numpy as np
 
     methods = summary.methods_in(scenario)
     cells = [summary.cells[(scenario, m)] for m in methods]
     keys = ("cross_top1", "cross_mAP")
     with _style():
-        fig = _figure()
+        fig = _figure((FIGSIZE[0], max(FIGSIZE[1] - 1.0, BAR_FRAME + BAR_ROW * len(cells))))
         ax = fig.add_subplot()
-        x = np.arange(len(cells))
-        width = 0.38
+        y = np.arange(len(cells))
+        height = 0.38
         colors = ("tab:blue", "tab:orange")
         values: list[float] = []
         for i, (key, color) in enumerate(zip(keys, colors)):
             means = [c.mean(key) for c in cells]
             stds = [c.stats[key].std or 0.0 for c in cells]
             values += [m + s for m, s in zip(means, stds)]
-            ax.bar(
-                x + (i - 0.5) * width,
+            ax.barh(
+                y + (i - 0.5) * height,
                 means,
-                width,
-                yerr=stds if any(stds) else None,
+                height,
+                xerr=stds if any(stds) else None,
                 capsize=3,
                 color=color,
                 label=plain(METRICS[key].description),
@@ -129,22 +141,35 @@ def bar_chart(summary: Summary, scenario: str, stem: Path) -> list[Path]:
                 continue
             prefix = case.replace("/", "_")
             for key, color in zip(("top1", "mAP"), colors):
-                y = ref.mean(f"{prefix}_{key}")
-                values.append(y)
-                ax.axhline(
-                    y,
+                x = ref.mean(f"{prefix}_{key}")
+                values.append(x)
+                ax.axvline(
+                    x,
                     color=color,
                     linestyle=style,
                     linewidth=1.2,
                     label=plain(f"{case} {METRICS[f'{prefix}_{key}'].label}"),
                 )
-        ax.set_xticks(x, [plain(c.label, 30) for c in cells], rotation=15 if len(cells) > 4 else 0)
-        ax.set_ylabel("retrieval accuracy (%, higher is better)")
-        _limits(ax, METRICS["cross_mAP"], values)
-        ax.set_title(f"{plain(summary.suite, 30)} / {plain(scenario)}: cross case per method")
-        ax.grid(axis="y", alpha=0.3)
-        fig.legend(loc="outside right upper", fontsize="small")
-        return save(fig, stem)
+        ax.set_yticks(y, [plain(c.label, 64) for c in cells])
+        ax.invert_yaxis()  # display order, top to bottom
+        ax.set_ylabel("method")
+        top1, mAP = METRICS["cross_top1"], METRICS["cross_mAP"]
+        ax.set_xlabel(f"{top1.description} and {mAP.description} ({mAP.unit}, {mAP.direction})")
+        _limits(ax, mAP, values, axis="x")
+        ax.set_title(
+            _title(
+                summary, f"{plain(summary.suite, 30)} / {plain(scenario)}: cross case per method"
+            )
+        )
+        ax.grid(axis="x", alpha=0.3)
+        fig.legend(loc="outside lower center", ncols=3, fontsize="small")
+        return fig
+
+
+def bar_chart(summary: Summary, scenario: str, stem: Path) -> list[Path]:
+    """``bars_SCENARIO.{png,pdf}``: :func:`bar_figure`, saved."""
+    with _style():
+        return save(bar_figure(summary, scenario), stem)
 
 
 def _cost_mode(records: list[dict[str, Any]]) -> str:
@@ -169,7 +194,7 @@ def _cost_points(summary: Summary, mode: str) -> list[tuple[Cell, float, float]]
 
 
 def _backfill_points(summary: Summary, mode: str) -> list[tuple[str, float, float]]:
-    """Per scenario, a full backfill: every item re-encoded, reaching new/new accuracy."""
+    """Per scenario, a full backfill: every item re-encoded, reaching new/new mAP."""
     out = []
     for s in summary.scenarios:
         ref = summary.reference(s, "new/new")
@@ -191,12 +216,18 @@ def _backfill_points(summary: Summary, mode: str) -> list[tuple[str, float, floa
 
 
 def cost_scatter(summary: Summary, stem: Path) -> list[Path]:
+    """``update_cost.{png,pdf}``: :func:`cost_figure`, saved."""
+    with _style():
+        return save(cost_figure(summary), stem)
+
+
+def cost_figure(summary: Summary) -> Any:
     """Cross mAP against update cost, one point per (scenario, method).
 
     x is the fraction of the gallery re-encoded, or, when any run measured the
     transformation's throughput, the per-item update cost in seconds on a log axis (runs that
     update nothing are drawn at the left edge, marked "no update"). Grey points: a full
-    backfill of each scenario, which reaches the new/new accuracy.
+    backfill of each scenario, which reaches the new/new mAP.
     """
     from matplotlib.lines import Line2D
 
@@ -237,7 +268,7 @@ def cost_scatter(summary: Summary, stem: Path) -> list[Path]:
         ys = [y for _, _, y in points] + [y for _, _, y in backfill]
         _limits(ax, METRICS["cross_mAP"], ys)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{plain(summary.suite)}: accuracy vs update cost")
+        ax.set_title(_title(summary, f"{plain(summary.suite)}: cross mAP vs update cost"))
         handles = [
             Line2D(
                 [],
@@ -274,7 +305,7 @@ def cost_scatter(summary: Summary, stem: Path) -> list[Path]:
                 )
             )
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
-        return save(fig, stem)
+        return fig
 
 
 def _zero_tick(ax: Any, floor: float) -> None:
@@ -301,36 +332,86 @@ def _curves(cell: Cell) -> dict[str, list[float]]:
     return out
 
 
-def curve_plot(summary: Summary, scenario: str, stem: Path) -> list[Path]:
-    """Backfilling curves of one scenario: accuracy as the gallery is progressively backfilled."""
+#: Line styles of the backfilling curves, cycled per (method, order) with the markers.
+LINESTYLES = ("-", "--", "-.", ":")
+#: Curves whose values all lie within this share of the plot's range get a zoomed panel.
+ZOOM_BAND = 0.15
+
+
+def zoom_band(curves: list[list[float]]) -> tuple[float, float] | None:
+    """The narrow y band holding the most curves (at least 2), each curve whole, when it is
+    under ZOOM_BAND of the range of all curves: where close methods hide each other."""
+    if len(curves) < 2:
+        return None
+    lo, hi = min(min(c) for c in curves), max(max(c) for c in curves)
+    width = ZOOM_BAND * (hi - lo)
+    if width <= 0:
+        return None
+    bands = sorted((min(c), max(c)) for c in curves)
+    best: list[tuple[float, float]] = []
+    for start, _ in bands:
+        inside = [b for b in bands if b[0] >= start and b[1] <= start + width]
+        if len(inside) > len(best):
+            best = inside
+    if len(best) < 2:
+        return None
+    return min(b[0] for b in best), max(b[1] for b in best)
+
+
+def curve_figure(summary: Summary, scenario: str) -> Any:
+    """Backfilling curves of one scenario: cross mAP as the gallery is progressively
+    backfilled, one line per (method, order). Close methods stay apart: each method has its
+    own colour and marker, its markers sit on other points than the next method's, line
+    styles cycle over methods and orders, and when several curves lie in a narrow band a
+    second panel below zooms on it (:func:`zoom_band`)."""
     colors = method_colors(summary.methods)
-    styles = ["-", "--", "-.", ":"]
+    lines = []
+    for i, m in enumerate(summary.methods_in(scenario)):
+        cell = summary.cells[(scenario, m)]
+        for j, (order, curve) in enumerate(sorted(_curves(cell).items())):
+            n = len(curve)
+            style = {
+                "color": colors[m],
+                "linestyle": LINESTYLES[(i + j) % len(LINESTYLES)],
+                "marker": MARKERS[i % len(MARKERS)],
+                "markersize": 5,
+                "markevery": (i % 3, 3),
+                "label": f"{plain(cell.label, 40)}, {plain(order, 20)}",
+            }
+            lines.append(([100.0 * k / (n - 1) if n > 1 else 0.0 for k in range(n)], curve, style))
+    band = zoom_band([curve for _, curve, _ in lines])
+    ylabel = METRICS["cross_mAP"].axis_label
     with _style():
-        fig = _figure()
-        ax = fig.add_subplot()
-        ys: list[float] = []
-        for m in summary.methods_in(scenario):
-            cell = summary.cells[(scenario, m)]
-            for i, (order, curve) in enumerate(sorted(_curves(cell).items())):
-                n = len(curve)
-                xs = [100.0 * j / (n - 1) if n > 1 else 0.0 for j in range(n)]
-                ax.plot(
-                    xs,
-                    curve,
-                    color=colors[m],
-                    linestyle=styles[i % len(styles)],
-                    marker=".",
-                    label=f"{plain(cell.label, 40)}, {plain(order, 20)}",
-                )
-                ys += curve
+        fig = _figure((FIGSIZE[0], FIGSIZE[1] + 2.5) if band else FIGSIZE)
+        if band:
+            ax, zoom = fig.subplots(2, 1, height_ratios=[3, 2])
+        else:
+            ax, zoom = fig.add_subplot(), None
+        for axes in (ax, zoom) if zoom is not None else (ax,):
+            for xs, curve, style in lines:
+                axes.plot(xs, curve, **style)
+            axes.set_xlim(0, 100)
+            axes.grid(alpha=0.3)
+            axes.set_ylabel(ylabel)
         ax.set_xlabel("gallery backfilled (%)")
-        ax.set_ylabel("cross retrieval accuracy (%, higher is better)")
-        ax.set_xlim(0, 100)
-        _limits(ax, METRICS["cross_mAP"], ys)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{plain(summary.suite, 30)} / {plain(scenario)}: backfilling curves")
-        fig.legend(loc="outside right upper", fontsize="small")
-        return save(fig, stem)
+        _limits(ax, METRICS["cross_mAP"], [y for _, curve, _ in lines for y in curve])
+        ax.set_title(
+            _title(summary, f"{plain(summary.suite, 30)} / {plain(scenario)}: backfilling curves")
+        )
+        if zoom is not None:
+            pad = max(0.1 * (band[1] - band[0]), 0.05)
+            zoom.set_ylim(band[0] - pad, band[1] + pad)
+            zoom.set_xlabel("gallery backfilled (%)")
+            zoom.set_title(f"zoom on the close curves: {band[0]:.1f} to {band[1]:.1f} % mAP")
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+        return fig
+
+
+def curve_plot(summary: Summary, scenario: str, stem: Path) -> list[Path]:
+    """``curves_SCENARIO.{png,pdf}``: :func:`curve_figure`, saved."""
+    with _style():
+        return save(curve_figure(summary, scenario), stem)
 
 
 def has_curves(summary: Summary, scenario: str) -> bool:

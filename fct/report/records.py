@@ -24,6 +24,12 @@ SCHEMA = 1
 CASES = ("old/old", "new/new", "cross")
 CASE_METRICS = ("top1", "top5", "mAP", "mAP@R")
 
+#: Training time of a run (``costs``): the total (every artifact it used), and since the split
+#: was recorded, the artifacts trained for this method alone and those shared by every method.
+TRAIN_SECONDS = ("train_seconds", "train_seconds_method", "train_seconds_shared")
+#: Model roles (``models``) shared by every method of a (scenario, seed): they must be one model.
+SHARED_ROLES = ("old", "side")
+
 #: Key added to each loaded record: the file it came from (for messages and provenance).
 SOURCE_KEY = "_path"
 
@@ -174,7 +180,7 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
             f"{_hint(rec)}"
         )
     for key in (
-        "train_seconds",
+        *TRAIN_SECONDS,
         "transform_embeddings_per_s",
         "backfill_images_per_s",
         "speedup_vs_backfill",
@@ -188,6 +194,7 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
     _validate_curves(rec, path)
     _validate_shown(rec, path)
     _validate_artifacts(rec, path)
+    _validate_notes(rec, path)
     return rec
 
 
@@ -211,6 +218,14 @@ _SHOWN = (
     ("scenario_config.transformation.features", "str"),
     ("scenario_config.transformation.views", "int"),
     ("scenario_config.side.dataset", "str"),
+    ("smoke", "bool"),
+    ("config_hash", "str"),
+    ("notes", "dict"),
+    ("provenance.fct_version", "str"),
+    ("provenance.git_sha", "str"),
+    ("provenance.torch", "str"),
+    ("provenance.python", "str"),
+    ("provenance.world_size", "int"),
     ("cases_cosine", "dict"),
     ("diagnostics", "dict"),
     ("diagnostics.cross_norm_ratio", "number"),
@@ -248,14 +263,33 @@ def _validate_shown(rec: dict[str, Any], path: Path) -> None:
 
 
 def _validate_artifacts(rec: dict[str, Any], path: Path) -> None:
-    """Optional ``artifacts`` {"KIND/NAME": digest}: what the run was made from."""
-    artifacts = _optional(rec, path, "artifacts", "dict")
-    for name, digest in (artifacts or {}).items():
-        if not isinstance(digest, str) or not digest:
+    """Optional ``artifacts`` {"KIND/NAME": key digest}, ``artifact_weights`` {"KIND/NAME":
+    weights digest or null} and ``models`` {role: "KIND/NAME"}: what the run was made from."""
+    for key, nullable in (("artifacts", False), ("artifact_weights", True), ("models", False)):
+        for name, value in (_optional(rec, path, key, "dict") or {}).items():
+            if value is None and nullable:
+                continue
+            if not isinstance(value, str) or not value or len(value) > NAME_MAX:
+                what = "an artifact name" if key == "models" else "a digest string"
+                raise FCTError(
+                    f"{path}: key '{key}.{_short(name)}' must be {what}, got {_shown(value)}; "
+                    f"{_hint(rec)}"
+                )
+
+
+def _validate_notes(rec: dict[str, Any], path: Path) -> None:
+    """Optional ``notes`` (the method's Deployment.notes): an object whose keys are short."""
+    for name in _optional(rec, path, "notes", "dict") or {}:
+        if len(name) > NAME_MAX:
             raise FCTError(
-                f"{path}: key 'artifacts.{_short(name)}' must be a digest string, got "
-                f"{_shown(digest)}; {_hint(rec)}"
+                f"{path}: key 'notes' has a key of {len(name)} characters, over {NAME_MAX}; "
+                f"{_hint(rec)}"
             )
+
+
+def is_smoke(rec: dict[str, Any]) -> bool:
+    """True for a record of ``fct run --smoke`` (a wiring test); absent in older records."""
+    return rec.get("smoke") is True
 
 
 def _validate_curves(rec: dict[str, Any], path: Path) -> None:
@@ -304,7 +338,8 @@ def record_label(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _record_files(folder: Path) -> list[Path]:
+def record_files(folder: Path) -> list[Path]:
+    """Every ``*.json`` under ``folder/runs`` (hidden temp files aside); [] without runs/."""
     runs = folder / "runs"
     if not runs.is_dir():
         return []
@@ -342,7 +377,7 @@ def load_records(
 
     kept: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for folder in folders:
-        for path in _record_files(folder):
+        for path in record_files(folder):
             rec = validate_record(read_json(path), path)
             rec = {**rec, SOURCE_KEY: str(path)}
             key = _identity(rec)
@@ -367,34 +402,69 @@ def load_records(
                 "ignoring run records of other suites (%s) under %s", ", ".join(others), where
             )
     check_same_artifacts(records)
+    check_not_mixed_smoke(records)
     return records
 
 
-def check_same_artifacts(records: list[dict[str, Any]]) -> None:
-    """Refuse records of one (suite, scenario, seed) made from different versions of an artifact.
+def check_not_mixed_smoke(records: list[dict[str, Any]]) -> None:
+    """Refuse a report mixing ``--smoke`` records (a wiring test) with full runs."""
+    smoke = next((r for r in records if is_smoke(r)), None)
+    full = next((r for r in records if not is_smoke(r)), None)
+    if smoke is not None and full is not None:
+        raise FCTError(
+            f"run records {smoke[SOURCE_KEY]} (a --smoke run) and {full[SOURCE_KEY]} (a full "
+            "run) cannot be reported together; keep smoke runs in their own folder (`fct run "
+            f"{_short(smoke['suite'])} --smoke` writes results/SUITE-smoke) and move or delete "
+            "the other records"
+        )
 
-    Every record lists the artifacts it used (``"models/NAME": digest``). Two records of the
-    same scenario and seed that name the same artifact with different digests were made from
-    different models (one was retrained with other settings since), so their numbers do not
-    compare: FCTError naming both files. One pass over the artifact lists, one dict lookup each.
+
+def check_same_artifacts(records: list[dict[str, Any]]) -> None:
+    """Refuse records of one (suite, scenario, seed) made from different models.
+
+    Every record lists the artifacts it used (``artifacts``: ``"models/NAME": key digest``),
+    since ``artifact_weights`` the digest of each one's trained weights, and in ``models`` which
+    artifact played which part. Two records of the same scenario and seed are not ranked
+    together (FCTError naming both files) when they name one artifact with different key
+    digests (one was retrained with other settings since), or with different weights (the same
+    settings trained again elsewhere: another machine or library version), or when their old
+    or side-information models are different artifacts. One pass, one dict lookup each.
     """
-    seen: dict[tuple[str, str, int, str], tuple[str, dict[str, Any]]] = {}
+    seen: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
     for rec in records:
-        for name, digest in (rec.get("artifacts") or {}).items():
-            key = (rec["suite"], rec["scenario"], rec["seed"], name)
-            first = seen.setdefault(key, (digest, rec))
-            if first[0] != digest:
-                other, seed = first[1], rec["seed"]
-                rerun = f"fct run {rec['suite']} --scenarios {rec['scenario']}" + (
-                    f" --seeds {seed}" if seed else ""
-                )
-                raise FCTError(
-                    f"run records {other[SOURCE_KEY]} and {rec[SOURCE_KEY]} (scenario "
-                    f"{rec['scenario']}, seed {seed}) were made from different versions of "
-                    f"{_short(name)} ({_short(first[0], 20)} vs {_short(digest, 20)}), so they "
-                    f"cannot be ranked together; rerun them with `{rerun} --force`, or delete "
-                    "the stale record"
-                )
+        where = (rec["suite"], rec["scenario"], rec["seed"])
+        models = rec.get("models") or {}
+        checks = [
+            *(("key", *item) for item in (rec.get("artifacts") or {}).items()),
+            # null: the runner could not read that artifact's manifest
+            *(("weights", *item) for item in (rec.get("artifact_weights") or {}).items()),
+            *(("role", role, models.get(role)) for role in SHARED_ROLES),
+        ]
+        for kind, name, value in checks:
+            if value is None:
+                continue
+            first, other = seen.setdefault((*where, kind, name), (value, rec))
+            if first != value:
+                what, flag = {
+                    "key": (f"different versions of {_short(name)}", "--force"),
+                    "weights": (f"different trained weights of {_short(name)}", "--rerun"),
+                    "role": (f"different {name} models", "--force"),
+                }[kind]
+                differ = f"{_short(first, 30)} vs {_short(value, 30)}"
+                raise _mixed(other, rec, f"{what} ({differ})", flag)
+
+
+def _mixed(first: dict[str, Any], rec: dict[str, Any], what: str, flag: str) -> FCTError:
+    """The one-line error for two records of one scenario and seed made from other models."""
+    seed = rec["seed"]
+    rerun = f"fct run {_short(rec['suite'])} --scenarios {_short(rec['scenario'])}" + (
+        f" --seeds {seed}" if seed else ""
+    )
+    return FCTError(
+        f"run records {first[SOURCE_KEY]} and {rec[SOURCE_KEY]} (scenario "
+        f"{_short(rec['scenario'])}, seed {seed}) were made from {what}, so they cannot be "
+        f"ranked together; rerun them with `{rerun} {flag}`, or keep one in its own --out"
+    )
 
 
 def _newer(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -11,16 +11,20 @@ import logging
 import re
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fct.report.metric_table import METRICS, Metric, auc_metric, auc_top1_metric
 from fct.report.records import (
     CASE_METRICS,
     CASES,
+    is_smoke,
     method_base,
     parse_date,
     record_label,
 )
+
+if TYPE_CHECKING:
+    from fct.report.reproduction import Reproduction
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ DEFAULT_LABELS = {
 UNCHANGED_NEW_MODEL = ("independent", "fct", "fct_side", "fastfill", "fastfill_side")
 #: Registered methods that train a new model of their own (a compatibility loss on it).
 OWN_NEW_MODEL = ("bct", "ract", "l2_bct")
+#: How every report of ``fct run --smoke`` records is titled and marked.
+SMOKE_TITLE = "SMOKE RUN (wiring test, not results)"
 #: What a verdict whose margin is within one standard deviation says (CSV and notes).
 WITHIN_STD = "within 1 std"
 
@@ -144,6 +150,17 @@ class Summary:
     cells: dict[tuple[str, str], Cell]
     auc_orders: list[str]
     bases: dict[str, str] = field(default_factory=dict)
+    #: The reproduction check against reference records, when the report was given some.
+    reproduction: Reproduction | None = None
+
+    @property
+    def smoke(self) -> bool:
+        """True for a report of ``fct run --smoke`` records (never mixed with full runs)."""
+        return any(is_smoke(r) for r in self.records)
+
+    def title(self, text: str) -> str:
+        """``text``, followed by the smoke-run mark for a smoke report."""
+        return f"{text} — {SMOKE_TITLE}" if self.smoke else text
 
     @property
     def multi_seed(self) -> bool:
@@ -232,14 +249,22 @@ def method_sort_key(method: str, base: str | None = None) -> tuple[int, str, boo
 
 
 def _same_new_model(ind: Cell, cell: Cell) -> bool | None:
-    """Whether ``cell``'s records list Independent's new-model digests (seed by seed); None
-    when no seed of both carries artifacts."""
+    """Whether ``cell``'s records queried with Independent's new model (seed by seed): the
+    same ``models.query`` artifact and digest where both records name it, else whether they
+    list Independent's new-model digests; None when no seed of both carries artifacts."""
     by_seed = {r["seed"]: r for r in ind.records}
     verdicts = []
     for rec in cell.records:
         other = by_seed.get(rec["seed"])
         mine = rec.get("artifacts") or {}
         theirs = (other or {}).get("artifacts") or {}
+        query = (rec.get("models") or {}).get("query")
+        if query is not None and query == ((other or {}).get("models") or {}).get("query"):
+            verdicts.append(mine.get(query) == theirs.get(query))
+            continue
+        if query is not None and ((other or {}).get("models") or {}).get("query") is not None:
+            verdicts.append(False)  # another artifact answered the queries
+            continue
         # Independent lists its old and its new model: a run that queried with Independent's
         # new model lists both digests too; one with its own new model lacks the second.
         models = {d for k, d in theirs.items() if k.startswith("models/")} or set(theirs.values())

@@ -18,10 +18,11 @@ from typing import Any
 
 from fct.io import write_text
 from fct.report import published
+from fct.report.details import methods_table, training_table, transformation_line
 from fct.report.metric_table import DASH, METRICS, auc_metric, auc_top1_metric
 from fct.report.records import CASES, method_settings
 from fct.report.render import Table, md_escape, md_line, to_latex, to_markdown
-from fct.report.summary import Cell, Summary, slug
+from fct.report.summary import SMOKE_TITLE, Cell, Summary, slug
 
 CASE_COLUMNS = (("top1", "CMC top-1"), ("top5", "CMC top-5"), ("mAP", "mAP"), ("mAP@R", "mAP@R"))
 PUBLISHED_COLUMNS = (("top1", "top-1"), ("top5", "top-5"), ("mAP", "mAP"))
@@ -30,8 +31,13 @@ COST_METRICS = (
     "transform_embeddings_per_s",
     "update_cost_s",
     "speedup_vs_backfill",
+    "train_seconds_method",
+    "train_seconds_shared",
     "train_seconds",
 )
+#: The split of the training time, which records written before it lack ("n/a").
+TRAIN_SPLIT = ("train_seconds_method", "train_seconds_shared")
+NOT_RECORDED = "n/a"
 #: A method's new/new row is shown when it differs from the reference new/new by more than
 #: this (percentage points): below it the difference is seed noise or rounding.
 NEW_NEW_TOLERANCE = 0.05
@@ -48,7 +54,8 @@ BACKFILL_TITLE = "Backfilling (area under the curve)"
 
 @dataclass
 class ScenarioTables:
-    """What one scenario's report shows: the paper table, the cost table and a description."""
+    """What one scenario's report shows: the paper table, the cost table, a description and
+    the settings it ran with (models, transformation, methods)."""
 
     scenario: str
     paper: Table
@@ -56,6 +63,10 @@ class ScenarioTables:
     caption: str
     description: list[str]
     backfill: Table | None = None
+    training: Table | None = None
+    transformation: str | None = None
+    methods: Table | None = None
+    title: str = ""
 
 
 def is_paper(config: dict[str, Any]) -> bool:
@@ -274,12 +285,17 @@ def cost_table(summary: Summary, scenario: str) -> Table:
     """Update costs per method: backfilled fraction, throughputs, speed-up, training time."""
     header = ["method", *(f"{METRICS[k].label}" for k in COST_METRICS)]
     rows = []
+    split_missing = False
     for m in summary.methods_in(scenario):
         cell = summary.cells[(scenario, m)]
         line = [cell.label]
         for k in COST_METRICS:
             stat = cell.stats[k]
-            line.append(METRICS[k].format(stat.mean, stat.std))
+            if k in TRAIN_SPLIT and stat.n == 0:
+                line.append(NOT_RECORDED)  # a record written before the split existed
+                split_missing = True
+            else:
+                line.append(METRICS[k].format(stat.mean, stat.std))
         rows.append(line)
     notes = [
         "; ".join(
@@ -288,8 +304,14 @@ def cost_table(summary: Summary, scenario: str) -> Table:
             for k in COST_METRICS
         )
         + ". s / item = backfilled share / backfill throughput + the rest / h throughput "
-        "(0: nothing is updated)."
+        "(0: nothing is updated). Training times are those of the runs that trained each "
+        "model; a model taken from the cache keeps the time it took when it was trained."
     ]
+    if split_missing:
+        notes.append(
+            f"{NOT_RECORDED}: the record predates the split of training time into the "
+            "method's own and the shared models'; only the total is known."
+        )
     return Table(header, rows, ["l"] + ["r"] * len(COST_METRICS), notes=notes)
 
 
@@ -357,6 +379,8 @@ def scenario_tables(summary: Summary, scenario: str) -> ScenarioTables:
         f"Compatibility on {dataset}, scenario {scenario}: CMC top-k, mAP and mAP@R (%) over "
         "the whole evaluation split, leave-one-out."
     )
+    if summary.smoke:
+        caption = f"{SMOKE_TITLE}. {caption}"
     return ScenarioTables(
         scenario,
         paper_table(summary, scenario),
@@ -364,19 +388,34 @@ def scenario_tables(summary: Summary, scenario: str) -> ScenarioTables:
         caption,
         describe(config),
         backfill_table(summary, scenario),
+        training_table(config),
+        transformation_line(config),
+        methods_table(summary, scenario),
+        summary.title(scenario),
     )
+
+
+SETTINGS_TITLE = "Settings"
 
 
 def scenario_markdown(t: ScenarioTables) -> str:
     """tables/SCENARIO.md: description, paper table with notes, backfilling AUCs (when
-    recorded), cost table."""
+    recorded), cost table, settings (models, transformation, methods)."""
     desc = "".join(f"- {md_line(line)}\n" for line in t.description)
     backfill = (
         f"## {BACKFILL_TITLE}\n\n{to_markdown(t.backfill)}\n" if t.backfill is not None else ""
     )
+    settings = "".join(
+        [
+            f"\n## {SETTINGS_TITLE}\n\n",
+            f"{to_markdown(t.training)}\n" if t.training is not None else "",
+            f"{md_line(t.transformation)}\n\n" if t.transformation else "",
+            to_markdown(t.methods) if t.methods is not None else "",
+        ]
+    )
     return (
-        f"# {md_escape(t.scenario)}\n\n{desc}\n{md_line(t.caption)}\n\n{to_markdown(t.paper)}\n"
-        f"{backfill}## Update cost\n\n{to_markdown(t.costs)}"
+        f"# {md_escape(t.title or t.scenario)}\n\n{desc}\n{md_line(t.caption)}\n\n"
+        f"{to_markdown(t.paper)}\n{backfill}## Update cost\n\n{to_markdown(t.costs)}{settings}"
     )
 
 
