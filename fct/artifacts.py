@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -42,8 +41,8 @@ from typing import Any
 import torch
 
 from fct.errors import FCTError
-from fct.io import atomic_dir, read_json, sha256_file, write_safetensors
-from fct.scenarios import config_hash
+from fct.hashing import config_hash
+from fct.io import atomic_dir, read_json, sha256_file, sha256_regular, write_safetensors  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -203,30 +202,6 @@ def _not_regular(path: Path) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return f"{path.name} is not a regular file"
     return None
-
-
-def sha256_regular(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """(hex sha256, size) of ``path``, read only if it is a regular file and not a symlink.
-
-    Opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` before any read, so a
-    symlink (to ``/dev/zero``, or out of the cache), a FIFO or a device is refused at once
-    instead of being followed, read forever or blocked on. Raises OSError (ELOOP, EISDIR) or
-    ValueError for anything but a regular file.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{Path(path).name} is not a regular file")
-        h = hashlib.sha256()
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-        return h.hexdigest(), size
-    finally:
-        os.close(fd)
 
 
 def _is_sha256(value: Any) -> bool:
@@ -464,7 +439,7 @@ class Cache:
         An entry that verifies but then fails to load is treated as damaged and rebuilt.
         """
         from fct import distributed
-        from fct.train import isolated_rng
+        from fct.seeding import isolated_rng
 
         if not distributed.is_main():
             return self._follow(entry, build)
@@ -507,7 +482,7 @@ class Cache:
         """A non-zero rank's side of ``get_or_build``: read what rank 0 verified, or take part
         in the build (training and feature extraction are collective) and save nothing."""
         from fct import distributed
-        from fct.train import isolated_rng
+        from fct.seeding import isolated_rng
 
         if distributed.broadcast_json(None):
             tensors, meta = entry.load()

@@ -216,50 +216,108 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fct.report import build_report
 
-    dirs = [Path(d) for d in (args.results or [Path("results") / args.suite])]
-    paths = build_report(args.suite, dirs, Path(args.out) if args.out else None)
-    print(f"wrote {len(paths)} files to {Path(args.out) if args.out else dirs[0]}")
+    dirs = [Path(d) for d in (args.results or [RESULTS / args.suite])]
+    if not args.results and not dirs[0].exists() and (REFERENCE / args.suite / "runs").is_dir():
+        raise FCTError(
+            f"no results of your own in {dirs[0]} yet (run `fct run {args.suite}`); the "
+            f"project's reference results are in {REFERENCE / args.suite}: "
+            f"`fct report {args.suite} --results {REFERENCE / args.suite}`"
+        )
+    out = Path(args.out) if args.out else dirs[0]
+    reference = None if args.no_reference else _reference_dir(args.suite, out, args.reference)
+    paths = build_report(args.suite, dirs, out, reference=reference)
+    print(f"wrote {len(paths)} files to {out}")
     return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    import fnmatch
+
     _load_plugins(args)
-    what = args.what
+    what, pattern = args.what, args.pattern
+    lines = []
     if what == "methods":
         from fct.methods import METHODS
 
-        for name in METHODS.names(args.pattern):
+        for name in METHODS.names(pattern):
             cls = METHODS.get(name)
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"{name:14s} {doc}")
+            lines.append(f"{name:14s} {doc}")
     elif what == "datasets":
         from fct.data import DATASETS
 
-        for name in DATASETS.names(args.pattern):
-            print(name)
+        lines = DATASETS.names(pattern)
     elif what == "losses":
         from fct.losses import LOSSES
 
-        for name in LOSSES.names(args.pattern):
-            print(name)
-        print("simclr (side-information only)")
+        lines = LOSSES.names(pattern)
+        if fnmatch.fnmatchcase("simclr", pattern):
+            lines.append("simclr (side-information only)")
     elif what == "suites":
         from fct.scenarios import list_suites, load_suite
 
         for name in list_suites():
-            suite = load_suite(name)
-            print(f"{name:12s} {len(suite.scenarios):3d} scenarios  {suite.description}")
+            if fnmatch.fnmatchcase(name, pattern):
+                suite = load_suite(name)
+                lines.append(f"{name:12s} {len(suite.scenarios):3d} scenarios  {suite.description}")
     else:
-        import fnmatch
-
         from fct.scenarios import list_suites, load_suite
 
         for name in list_suites():
             for sc in load_suite(name).scenarios:
-                if fnmatch.fnmatchcase(sc.name, args.pattern) or fnmatch.fnmatchcase(
-                    f"{name}/{sc.name}", args.pattern
+                if fnmatch.fnmatchcase(sc.name, pattern) or fnmatch.fnmatchcase(
+                    f"{name}/{sc.name}", pattern
                 ):
-                    print(f"{name + '/' + sc.name:40s} {','.join(sc.kinds):45s} {sc.description}")
+                    lines.append(
+                        f"{name + '/' + sc.name:40s} {','.join(sc.kinds):45s} {sc.description}"
+                    )
+    if not lines:  # a typo in the pattern says so, instead of printing nothing
+        every = f"; `fct list {what}` shows them all" if pattern != "*" else ""
+        raise FCTError(f"no {what} match {pattern!r}{every}")
+    print("\n".join(lines))
+    return 0
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise FCTError(f"--batches takes comma-separated integers, got {text!r}") from e
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """``fct bench transformation``: fct.throughput measures, this prints and writes."""
+    from fct.device import resolve_device
+    from fct.io import write_json, write_text
+    from fct.throughput import SIZES, measure, merge, to_markdown
+
+    dev = resolve_device(args.device)
+    dtypes = (args.dtype or ("float32,bfloat16" if dev.type == "cuda" else "float32")).split(",")
+    sizes = list(SIZES) if args.sizes == "both" else [args.sizes]
+    batches = _csv_ints(args.batches) if args.batches else None
+    results = [
+        measure(
+            s,
+            dev,
+            d.strip(),
+            batches,
+            quick=args.quick,
+            budget_s=args.budget,
+            threads=args.threads,
+        )
+        for s in sizes
+        for d in dtypes
+    ]
+    result = merge(results)
+    command = "fct " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "transformation.json", result)
+        write_text(out / "transformation.md", to_markdown(result, command))
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(to_markdown(result, command), end="")
     return 0
 
 
@@ -361,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--results", action="append", help="results folder(s) to merge (default results/SUITE)"
     )
     rep.add_argument("--out", help="where to write (default: the first results folder)")
+    rep.add_argument(
+        "--reference",
+        help="reference results to compare with (default results/reference/SUITE when it "
+        "exists): a 'Reproduction check' section, never ranked with the run",
+    )
+    rep.add_argument(
+        "--no-reference", action="store_true", help="no comparison with reference results"
+    )
     rep.set_defaults(func=_cmd_report)
 
     ls = sub.add_parser("list", help="list suites, scenarios, methods, datasets or losses")
@@ -375,9 +441,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--plugin", action="append", help="module or .py file registering extra methods"
     )
     ls.set_defaults(func=_cmd_list)
-    from fct.throughput import add_parser as _add_bench
 
-    _add_bench(sub)
+    from fct.throughput.presets import SIZES
+
+    bench = sub.add_parser("bench", help="throughput benchmarks")
+    inner = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
+    tr = inner.add_parser(
+        "transformation",
+        help="h's embeddings/s (eager, folded, compiled) vs its GEMM peak and vs backfilling",
+    )
+    tr.add_argument(
+        "--quick", action="store_true", help="a few seconds per configuration (smoke check)"
+    )
+    tr.add_argument("--json", action="store_true", help="print one JSON object")
+    tr.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    tr.add_argument(
+        "--dtype", help="float32 and/or bfloat16, comma-separated (default: cpu float32, cuda both)"
+    )
+    tr.add_argument(
+        "--sizes",
+        choices=(*SIZES, "both"),
+        default="both",
+        help="paper sizes (h 128/128/128, ResNet50), the quickstart's, or both (default)",
+    )
+    tr.add_argument("--batches", help="comma-separated h batch sizes (default 4096 on CPU)")
+    tr.add_argument(
+        "--budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed rounds per configuration (default 20)",
+    )
+    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    tr.add_argument("--out", help="also write transformation.json and .md into this folder")
+    tr.set_defaults(func=_cmd_bench)
     return p
 
 
@@ -401,11 +497,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FCTError as e:
         print(f"error: {who}{e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # `fct list | head`: the reader left. Quiet, as tools killed by SIGPIPE are (no
+        # traceback, and none at exit when Python flushes stdout into the closed pipe).
+        import contextlib
+
+        with contextlib.suppress(OSError, ValueError):  # no real file behind stdout (tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         message = _os_error_message(e)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, as FCTError
         return FCTError.exit_code
     except KeyboardInterrupt:
         print(

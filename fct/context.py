@@ -20,6 +20,7 @@ from torch import nn
 from fct import distributed
 from fct.artifacts import Cache, Entry
 from fct.errors import FCTError
+from fct.models.simclr import SimCLRModel
 from fct.provenance import source_digest
 from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec, config_hash
 from fct.train import OptimConfig, TrainResult, isolated_rng, train
@@ -80,22 +81,6 @@ class Trained:
     def name(self) -> str:
         """Human-readable artifact name."""
         return self.entry.name
-
-
-class SimCLRModel(nn.Module):
-    """An encoder (EmbeddingModel) plus SimCLR's projection MLP, used only for the loss."""
-
-    def __init__(self, encoder: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.proj = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The side-information vector ψ(x) (the representation, before the projection)."""
-        return self.encoder.embed(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.encoder.embed(x))
 
 
 def _optim(spec: ModelSpec) -> OptimConfig:

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,3 +272,27 @@ def read_json(path: str | os.PathLike[str], max_bytes: int = JSON_MAX_BYTES) -> 
         ) from e
     except (ValueError, RecursionError) as e:  # e.g. an integer over Python's digit limit
         raise FCTError(f"{path} is not a usable JSON file ({e}); delete it and rerun") from e
+
+
+def sha256_regular(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(hex sha256, size) of ``path``, read only if it is a regular file and not a symlink.
+
+    Opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat`` before any read, so a
+    symlink (to ``/dev/zero``, or out of the cache), a FIFO or a device is refused at once
+    instead of being followed, read forever or blocked on. Raises OSError (ELOOP, EISDIR) or
+    ValueError for anything but a regular file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{Path(path).name} is not a regular file")
+        h = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+        return h.hexdigest(), size
+    finally:
+        os.close(fd)

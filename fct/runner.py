@@ -432,9 +432,24 @@ def check_smoke(out: Path, smoke: bool) -> None:
             )
 
 
-def _pair_failed(failures: list[str], scenario: str, method: str, why: str) -> None:
+def _pair_failed(failures: list[tuple[str, str]], scenario: str, method: str, why: str) -> None:
     log.error("%s / %s: %s", scenario, method, why)
-    failures.append(f"{scenario}/{method} ({why[:160]})")
+    failures.append((f"{scenario}/{method}", why))
+
+
+def _failure_summary(failures: list[tuple[str, str]], total: int, out: Path) -> str:
+    """One line for the pairs that did not run. One cause shared by all of them (a damaged
+    cache lock, a full disk) comes first, as it is; distinct causes are listed per pair."""
+    where = f"the other records are in {out / 'runs'}"
+    reasons = {why for _, why in failures}
+    pairs = ", ".join(pair for pair, _ in failures)
+    if len(reasons) == 1:
+        return (
+            f"{failures[0][1]} ({len(failures)} of {total} (scenario, method) pairs did not run "
+            f"because of it: {pairs}; {where})"
+        )
+    listed = "; ".join(f"{pair} ({why[:160]})" for pair, why in failures)
+    return f"{len(failures)} of {total} (scenario, method) pairs did not run: {listed}; {where}"
 
 
 def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
@@ -471,7 +486,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     forced_keys: set = set()
     sources: dict = {}  # data loaded by the checks is shared by every scenario's Context
     plan = []
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []
     for sc in scenarios:
         methods = opts.methods or sc.methods
         ctx = Context(
@@ -509,8 +524,5 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
         build_report(suite.name, [opts.out], opts.out, reference=opts.reference)
         log.info("report written to %s", opts.out)
     if failures:
-        raise FCTError(
-            f"{len(failures)} of {total} (scenario, method) pairs did not run: "
-            f"{'; '.join(failures)}; the other records are in {opts.out / 'runs'}"
-        )
+        raise FCTError(_failure_summary(failures, total, opts.out))
     return written

@@ -22,7 +22,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from torch import nn
 from fct import distributed
 from fct.errors import FCTError
 from fct.io import atomic_dir, sha256_file, write_safetensors
+from fct.seeding import isolated_rng  # noqa: F401  (re-exported: fct.train.isolated_rng)
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +87,6 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The torch seed used for ``epoch`` (dropout, init of lazily built parts, ...)."""
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
-
-
-@contextlib.contextmanager
-def isolated_rng(seed: int | None = None) -> Iterator[None]:
-    """Run a block without touching the caller's torch random stream; seed it if ``seed``.
-
-    Training reseeds torch every epoch and module initialisation draws from the global stream.
-    Forking the stream around both means a model's initial weights, and everything drawn after
-    it, are the same whether an artifact was trained in this process or loaded from the cache:
-    that is what makes an interrupted run, resumed, end where an uninterrupted one would.
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(seed % (2**63 - 1))
-        yield
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -178,8 +163,7 @@ def _check_checkpoint(ckpt: Path, max_epoch: int | None = None) -> dict:
     are read only when they are regular files (no symlink is followed, no FIFO blocks), and
     ``state.json`` is read bounded.
     """
-    from fct.artifacts import sha256_regular
-    from fct.io import read_json
+    from fct.io import read_json, sha256_regular
 
     if ckpt.is_symlink() or not ckpt.is_dir():
         raise ValueError("not a folder")

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fct.errors import FCTError
+from fct.hashing import config_hash
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.models import Transformation
-from fct.scenarios import config_hash
-from fct.train import isolated_rng
+from fct.seeding import isolated_rng
 
 if TYPE_CHECKING:
     from fct.context import Context
