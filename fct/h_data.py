@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from fct import distributed
+from fct.session import Role
 
 if TYPE_CHECKING:
-    from fct.context import Context, Trained
+    from fct.context import Context
     from fct.scenarios import TransformationSpec
+    from fct.session import Trained
 
-Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+#: One step of h's fit: (old, side, new, labels) embeddings on the device.
+HBatch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
 
 
 def h_batches(
@@ -37,7 +40,7 @@ def h_batches(
     models: tuple[Trained, Trained, Trained | None],
     with_labels: bool,
     name: str,
-) -> tuple[Callable[[int], Iterator[Batch]], int]:
+) -> tuple[Callable[[int], Iterator[HBatch]], int]:
     """``(batches(epoch), steps per epoch)`` for fitting h; ``models`` = (old, new, side)."""
     if spec.features == "online":
         return _online(ctx, spec, models, with_labels)
@@ -55,9 +58,9 @@ def _cached(
     models: tuple[Trained, Trained, Trained | None],
     with_labels: bool,
     name: str,
-) -> tuple[Callable[[int], Iterator[Batch]], int]:
+) -> tuple[Callable[[int], Iterator[HBatch]], int]:
     old, new, side = models
-    data = f"{spec.train_on}-train"
+    data = Role.training(spec.train_on)
     views = cached_views(spec)
 
     def view(v: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -73,7 +76,7 @@ def _cached(
     lo = distributed.rank() * local
     dev = ctx.device
 
-    def batches(epoch: int) -> Iterator[Batch]:
+    def batches(epoch: int) -> Iterator[HBatch]:
         x_old, x_side, x_new, y = view(views[epoch % len(views)])
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + epoch)
         perm = torch.randperm(n, generator=gen)
@@ -94,14 +97,14 @@ def _online(
     spec: TransformationSpec,
     models: tuple[Trained, Trained, Trained | None],
     with_labels: bool,
-) -> tuple[Callable[[int], Iterator[Batch]], int]:
+) -> tuple[Callable[[int], Iterator[HBatch]], int]:
     old, new, side = models
     data_spec = ctx.scenario.new if spec.train_on == "new" else ctx.scenario.old
     loader = ctx.loader(
         dataclasses.replace(data_spec, batch_size=spec.batch_size), data_spec.augment
     )
 
-    def batches(epoch: int) -> Iterator[Batch]:
+    def batches(epoch: int) -> Iterator[HBatch]:
         loader.set_epoch(epoch)
         for x, y in loader:
             yield (

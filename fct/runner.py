@@ -24,13 +24,15 @@ import torch
 
 from fct import distributed, retrieval
 from fct.artifacts import Cache
-from fct.context import Context, apply_transformation
+from fct.context import Context
 from fct.curves import backfill_curves
+from fct.embedding import apply_transformation
 from fct.errors import FCTError
 from fct.io import check_writable, read_json, write_json
 from fct.methods import Deployment
 from fct.provenance import provenance, source_digest
 from fct.scenarios import Scenario, Suite, config_hash
+from fct.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +139,9 @@ def knn_options(ctx: Context) -> dict[str, str]:
         message = f"kNN evaluation: {backend} backend on {device} ({why})"
     else:
         message = f"kNN evaluation: {backend} backend on the CPU"
-    if ctx._memo.get("knn-log") != message:
+    if ctx.memo.get("knn-log") != message:
         log.info("%s", message)
-        ctx._memo["knn-log"] = message
+        ctx.memo["knn-log"] = message
     return {"distance": sc.eval.distance, "backend": backend, "device": device}
 
 
@@ -210,10 +212,10 @@ def evaluate_deployment(
 def _three_cases(ctx: Context, old, old_x, new_x, gallery, labels, opts: dict) -> dict[str, dict]:
     """old/old, new/new and cross (new queries against the updated gallery, paired)."""
     cases = {}
-    memo_key = ("old/old", old.digest, str(opts))
-    if memo_key not in ctx._memo:
-        ctx._memo[memo_key] = retrieval.evaluate(_features(old_x, labels, "old/old"), **opts)
-    cases["old/old"] = ctx._memo[memo_key]
+    cases["old/old"] = ctx.memo.get_or_build(
+        ("old/old", old.digest, str(opts)),
+        lambda: retrieval.evaluate(_features(old_x, labels, "old/old"), **opts),
+    )
     cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
     cases["cross"] = retrieval.evaluate(
         _features(new_x, labels, "query"),
@@ -483,24 +485,22 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
         check_writable(opts.out / "runs", "results folder", "choose another --out")
         check_smoke(opts.out, opts.smoke)
     distributed.check_shared_folder(cache.root, "the cache folder", "--cache (or FCT_CACHE)")
-    forced_keys: set = set()
-    sources: dict = {}  # data loaded by the checks is shared by every scenario's Context
+    # What every scenario's Context shares: the cache, the device, the seed, the data
+    # loaded by the checks, the entries already rebuilt under --force.
+    session = Session(
+        cache,
+        device=device,
+        seed=opts.seed,
+        data_root=opts.data_root,
+        download=opts.download,
+        force=opts.force,
+        sync_bn=opts.sync_bn,
+    )
     plan = []
     failures: list[tuple[str, str]] = []
     for sc in scenarios:
         methods = opts.methods or sc.methods
-        ctx = Context(
-            sc,
-            cache,
-            device=device,
-            seed=opts.seed,
-            data_root=opts.data_root,
-            download=opts.download,
-            force=opts.force,
-            sync_bn=opts.sync_bn,
-            _sources=sources,
-            _forced=forced_keys,
-        )
+        ctx = Context(sc, session=session)
         refused = check_scenario(ctx, methods)
         for m, why in refused.items():
             _pair_failed(failures, sc.name, m, f"refused before training: {why}")

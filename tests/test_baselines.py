@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fct.builders import Batch
 from fct.errors import FCTError
 from fct.methods.baselines import BCTInfluence, BCTSettings
 from fct.methods.l2_bct import l2_compat_loss
@@ -25,6 +26,7 @@ def _ctx(loss="ce", loss_args=(("smoothing", 0.1),)):
     old = SimpleNamespace(
         module=SimpleNamespace(classifier=SimpleNamespace(weight=torch.tensor(OLD_W))),
         digest="old-digest",
+        classifier_weight=lambda: torch.tensor(OLD_W),
     )
     scenario = SimpleNamespace(
         old=SimpleNamespace(dataset="d", loss=loss, loss_args=loss_args),
@@ -57,13 +59,13 @@ def test_bct_influence_is_the_old_models_smoothed_cross_entropy() -> None:
     # old model's own loss (cross-entropy at its smoothing 0.1). e = (1, 1): logits 1, 2, 7.
     term = _term(BCTSettings())
     assert term.old_weight.tolist() == [[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]]
-    got = term(torch.tensor([[1.0, 1.0]]), None, torch.tensor([1])).item()
+    got = term(Batch(torch.tensor([[1.0, 1.0]]), None, torch.tensor([1]), None)).item()
     assert got == pytest.approx(_smoothed_ce([1.0, 2.0, 7.0], 1, 0.1), rel=1e-5)
 
 
 def test_bct_weight_and_smoothing_setting() -> None:
     term = _term(BCTSettings(weight=2.5, smoothing=0.0))
-    got = term(torch.tensor([[1.0, 1.0]]), None, torch.tensor([2])).item()
+    got = term(Batch(torch.tensor([[1.0, 1.0]]), None, torch.tensor([2]), None)).item()
     lse = math.log(math.exp(1) + math.exp(2) + math.exp(7))
     assert got == pytest.approx(2.5 * (lse - 7.0), rel=1e-5)
 
@@ -72,7 +74,7 @@ def test_bct_cosface_old_model_gives_the_margin_form() -> None:
     # Old model trained with CosFace (s = 10, m = 0.2): the influence term is CosFace on the
     # extended classifier. e = (1, 0): cosines to rows (1,0), (0,2), (3,4) are 1, 0, 0.6.
     term = _term(BCTSettings(), loss="cosface", loss_args=(("margin", 0.2), ("scale", 10.0)))
-    got = term(torch.tensor([[1.0, 0.0]]), None, torch.tensor([2])).item()
+    got = term(Batch(torch.tensor([[1.0, 0.0]]), None, torch.tensor([2]), None)).item()
     logits = [10 * 1.0, 10 * 0.0, 10 * (0.6 - 0.2)]
     assert got == pytest.approx(_smoothed_ce(logits, 2, 0.0), rel=1e-5)
 
@@ -82,7 +84,7 @@ def test_bct_bt2_form_means_for_every_class_on_normalised_features() -> None:
     term = _term(BCTSettings(rows="means", normalize=True, weight=10.0))
     assert torch.allclose(term.old_weight, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
     # e = (0, 5) normalised to (0, 1): logits 0, 1, 0.8; smoothing 0.1 from the old model.
-    got = term(torch.tensor([[0.0, 5.0]]), None, torch.tensor([0])).item()
+    got = term(Batch(torch.tensor([[0.0, 5.0]]), None, torch.tensor([0]), None)).item()
     assert got == pytest.approx(10 * _smoothed_ce([0.0, 1.0, 0.8], 0, 0.1), rel=1e-5)
 
 
@@ -148,7 +150,9 @@ def test_ract_uncertainty_order_is_by_old_classifier_entropy() -> None:
     # (1, 0.5) in between.
     x = torch.tensor([[10.0, 0.0], [0.0, 0.0], [1.0, 0.5]])
     old = SimpleNamespace(
-        module=SimpleNamespace(classifier=SimpleNamespace(weight=torch.eye(2))), digest="o"
+        module=SimpleNamespace(classifier=SimpleNamespace(weight=torch.eye(2))),
+        digest="o",
+        classifier_weight=lambda: torch.eye(2),
     )
     ctx = SimpleNamespace(old_model=lambda: old, embed=lambda m, d: (x, torch.zeros(3)))
     assert old_entropy_order(ctx).tolist() == [1, 2, 0]

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fct.builders import Batch
 from fct.methods.baselines import BCTInfluence, BCTSettings
 
 
@@ -14,7 +15,9 @@ def fake_ctx(old_dataset="d", new_dataset="d"):
     old_module = SimpleNamespace(
         classifier=SimpleNamespace(weight=torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     )
-    old = SimpleNamespace(module=old_module, digest="abc")
+    old = SimpleNamespace(
+        module=old_module, digest="abc", classifier_weight=lambda: old_module.classifier.weight
+    )
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0], [3.0, 4.0]])
     labels = torch.tensor([0, 1, 2, 2])
     scenario = SimpleNamespace(
@@ -55,6 +58,6 @@ def test_influence_value_on_a_hand_made_case():
     emb = torch.tensor([[1.0, 1.0]])
     logits = emb @ term.old_weight.T  # [1, 2, 7]
     expected = 2.0 * (torch.logsumexp(logits, 1) - logits[0, 1])
-    got = term(emb, None, torch.tensor([1]))
+    got = term(Batch(emb, None, torch.tensor([1]), None))
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert term.key()["old"] == "abc" and term.key()["rows"] == "old+means"

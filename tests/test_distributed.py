@@ -226,7 +226,7 @@ def test_knn_on_a_gpu_falls_back_to_torch_when_faiss_has_no_gpu(caplog):
     sc = load_suite("tiny").scenarios[0]
     sc = dataclasses.replace(sc, eval=dataclasses.replace(sc.eval, backend="faiss"))
     caplog.set_level("INFO")
-    gpu = SimpleNamespace(scenario=sc, device=torch.device("cuda", 1), _memo={})
+    gpu = SimpleNamespace(scenario=sc, device=torch.device("cuda", 1), memo={})
     opts = knn_options(gpu)
     if faiss_has_gpu():  # pragma: no cover - only with a GPU build of faiss and a GPU
         assert opts["backend"] == "faiss"
@@ -235,7 +235,7 @@ def test_knn_on_a_gpu_falls_back_to_torch_when_faiss_has_no_gpu(caplog):
         assert "kNN evaluation: torch backend on cuda:1 (the installed faiss has no GPU" in (
             caplog.text
         )
-    cpu = SimpleNamespace(scenario=sc, device=torch.device("cpu"), _memo={})
+    cpu = SimpleNamespace(scenario=sc, device=torch.device("cpu"), memo={})
     assert knn_options(cpu) == {"distance": "l2", "backend": "faiss", "device": "cpu"}
     assert "kNN evaluation: faiss backend on the CPU" in caplog.text
 

@@ -213,3 +213,39 @@ def test_no_shipped_suite_lists_a_method_its_scenario_refuses():
         for sc in load_suite(name).scenarios:
             for m in sc.methods:
                 sc.method(m).check(sc)  # raises FCTError naming the pair
+
+
+def test_a_changed_spec_retrains_exactly_what_depends_on_it(tmp_path):
+    """Changing the old model's spec reruns every record and retrains the old model, BCT's
+    new model and h, never Independent's new model; changing the new model's spec retrains
+    both new models and h, never the old model."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    methods = ["--methods", "independent,bct,fct"]
+    assert main(tiny_args(out, cache, *methods)) == 0
+    first = set(entries(cache))
+    hashes = {k: r["config_hash"] for k, r in _records(out).items()}
+
+    def names(paths):  # trained artifacts only (embeddings are recomputed with their model)
+        kinds = ("models", "transformations")
+        return sorted(p.name.rsplit("-", 1)[0] for p in paths if p.parent.name in kinds)
+
+    set_old = ["--set", "scenario.half-classes.old.lr=0.04"]
+    assert main(tiny_args(out, cache, *methods, *set_old)) == 0
+    second = set(entries(cache))
+    new_old = names(second - first)
+    assert new_old == [
+        "h-test_resnet-synthetic-all-ce-32",
+        "test_resnet-synthetic-0-9-ce-32",
+        "test_resnet-synthetic-all-ce-32-bct",
+    ], new_old
+    recs = _records(out)
+    assert all(recs[k]["config_hash"] != hashes[k] for k in hashes)
+
+    set_new = ["--set", "scenario.half-classes.new.lr=0.04"]
+    assert main(tiny_args(out, cache, *methods, *set_old, *set_new)) == 0
+    new_new = names(set(entries(cache)) - second)
+    assert new_new == [
+        "h-test_resnet-synthetic-all-ce-32",
+        "test_resnet-synthetic-all-ce-32",
+        "test_resnet-synthetic-all-ce-32-bct",
+    ], new_new

@@ -16,8 +16,9 @@ from torch import nn
 
 from fct import retrieval
 from fct.artifacts import Cache
+from fct.builders import Batch, accepts_labels
 from fct.cli import main
-from fct.context import Context, _accepts_labels
+from fct.context import Context
 from fct.curves import (
     backfill_counts,
     backfill_curves,
@@ -191,9 +192,9 @@ def test_uncertain_transformation_drops_in_for_h() -> None:
 
 
 def test_transformation_losses_get_labels_only_when_they_ask() -> None:
-    assert _accepts_labels(lambda h, o, s, t, labels=None: 0)
-    assert _accepts_labels(lambda h, o, s, t, **kw: 0)
-    assert not _accepts_labels(lambda h, o, s, t: 0)
+    assert accepts_labels(lambda h, o, s, t, labels=None: 0)
+    assert accepts_labels(lambda h, o, s, t, **kw: 0)
+    assert not accepts_labels(lambda h, o, s, t: 0)
 
 
 # --- RACT and L2-BCT --------------------------------------------------------------------------
@@ -255,10 +256,9 @@ def test_extra_losses_embed_the_batch_images_with_the_old_model() -> None:
         ),
         (L2Compatibility(weight=0.5), lambda n, o: 0.5 * l2_compat_loss(n, o)),
     ):
-        assert extra.wants_images
         old_model = _LinearOld(4)
         extra._old = old_model.eval()
-        got = extra(new, None, labels, x=x)
+        got = extra(Batch(new, None, labels, x))
         with torch.no_grad():
             old = old_model.embed(x)
         assert got.item() == pytest.approx(expected(new, old).item(), rel=1e-6)

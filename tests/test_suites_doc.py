@@ -71,7 +71,7 @@ SCENARIO_KEY_ONLY = {
     "settings": "per-scenario method settings: goes into Scenario.method_specs",
 }
 #: SimCLR (side-information only) is no LOSSES entry: its one argument and default are
-#: hard-coded in fct.suite_checks._validate_model and fct.context.Context._train_side.
+#: hard-coded in fct.suite_checks._validate_model and fct.builders.train_side.
 SIMCLR_ARGS = {"temperature": 0.1}
 
 _MARKER = re.compile(r"<!--\s*keys:\s*([\w-]+)\s*-->")

@@ -37,8 +37,9 @@ from fct.registry import Registry, did_you_mean
 if TYPE_CHECKING:
     import torch
 
-    from fct.context import Context, Trained
+    from fct.context import Context
     from fct.scenarios import Scenario
+    from fct.session import Trained
 
 METHODS: Registry[type[Method]] = Registry("method", hint="fct list methods")
 

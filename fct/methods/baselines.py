@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from fct.errors import FCTError
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.methods.old_batch import check_equal_dims
+from fct.session import Role
 
 if TYPE_CHECKING:
+    from fct.builders import Batch
     from fct.context import Context
     from fct.scenarios import ModelSpec, Scenario
 
@@ -83,10 +85,10 @@ class BCTInfluence:
 
         st = self.settings
         old = ctx.old_model()
-        feats, labels = ctx.embed(old, "new-train")
+        feats, labels = ctx.embed(old, Role.NEW_TRAIN)
         if st.normalize:
             feats = F.normalize(feats.float(), dim=1)
-        weight = old.module.classifier.weight.detach().cpu()
+        weight = old.classifier_weight().cpu()
         if st.rows == "means" or ctx.scenario.old.dataset != ctx.scenario.new.dataset:
             # BT-2's pseudo-classifier; or cross-dataset, where no new class is an old class.
             weight = weight[:0]
@@ -100,12 +102,13 @@ class BCTInfluence:
         name, args = influence_loss_args(ctx.scenario.old, st)
         self.loss_fn = make_loss(name, **args)
 
-    def __call__(self, embedding, logits, labels):
-        emb = embedding.float()
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """The weighted influence term of the new model's batch embeddings."""
+        emb = batch.embedding.float()
         if self.settings.normalize:
             emb = F.normalize(emb, dim=1)
         w = self.old_weight
-        return self.settings.weight * self.loss_fn(emb, emb @ w.T, labels, w)
+        return self.settings.weight * self.loss_fn(emb, emb @ w.T, batch.labels, w)
 
 
 def influence_loss_args(old: ModelSpec, settings: BCTSettings) -> tuple[str, dict]:

@@ -21,6 +21,7 @@ from fct.hashing import config_hash
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.models import Transformation
 from fct.seeding import isolated_rng
+from fct.session import Role
 
 if TYPE_CHECKING:
     from fct.context import Context
@@ -35,7 +36,7 @@ class UncertainTransformation(nn.Module):
     """FCT's h (``fct.models.Transformation``) plus FastFill's uncertainty head.
 
     ``forward(old, side)`` returns the new-model-compatible embedding only, so it drops in
-    wherever h does (``fct.context.apply_transformation``, through ``folded()``);
+    wherever h does (``fct.embedding.apply_transformation``, through ``folded()``);
     ``with_sigma`` and ``sigma`` also give the per-item uncertainty sigma (a log-variance).
     """
 
@@ -167,7 +168,7 @@ class FastFill(Method):
         with isolated_rng(int(init, 16)):
             module = UncertainTransformation(*dims, spec.hidden)
         use_ce = _uses_classifier(new.spec)
-        weight = new.module.classifier.weight.detach().clone().to(ctx.device)
+        weight = new.classifier_weight().clone().to(ctx.device)
         smoothing = self.settings.smoothing
         if use_ce:
             _check_labels(ctx, old, spec.train_on, weight.shape[0])
@@ -202,7 +203,7 @@ class FastFill(Method):
 
 def _check_labels(ctx: Context, old, train_on: str, num_classes: int) -> None:
     # Checked once here, not per batch: a per-step .item() would stall GPU training.
-    _, labels = ctx.embed(old, f"{train_on}-train")
+    _, labels = ctx.embed(old, Role.training(train_on))
     if labels.numel() and int(labels.max()) >= num_classes:
         raise FCTError(
             f"FastFill: h's training labels go up to {int(labels.max())} but the new classifier "
@@ -213,8 +214,8 @@ def _check_labels(ctx: Context, old, train_on: str, num_classes: int) -> None:
 @torch.inference_mode()
 def gallery_sigma(ctx: Context, module: UncertainTransformation, use_side: bool) -> torch.Tensor:
     """sigma ``[n]`` of every stored gallery item (the evaluation split, in its order)."""
-    old_x, _ = ctx.embed(ctx.old_model(), "eval")
-    side_x = ctx.embed(ctx.side_model(), "eval")[0] if use_side else None
+    old_x, _ = ctx.embed(ctx.old_model(), Role.EVAL)
+    side_x = ctx.embed(ctx.side_model(), Role.EVAL)[0] if use_side else None
     module.eval().to(ctx.device)
     out = []
     for i in range(0, len(old_x), 4096):

@@ -13,6 +13,7 @@ from fct.errors import FCTError
 if TYPE_CHECKING:
     from torch import nn
 
+    from fct.builders import Batch
     from fct.context import Context
 
 
@@ -26,17 +27,16 @@ def check_equal_dims(method: str, d_old: int, d_new: int) -> None:
 
 
 class OldBatchLoss:
-    """An ExtraLoss (fct.context) whose term reads the old model's embedding of the batch.
+    """An ExtraLoss (fct.builders) whose term reads the old model's embedding of the batch.
 
-    It asks for the batch images (``wants_images``) and embeds them with the frozen old model,
-    in eval mode and without gradients, each step: the images are augmented per epoch, so
+    It embeds the batch images (``Batch.images``) with the frozen old model, in eval mode
+    and without gradients, each step: the images are augmented per epoch, so
     cached embeddings of the training set would not be of the same images. Subclasses set
     ``name`` and implement ``term(new, old, labels)``; ``params()`` adds their settings to the
     cache key.
     """
 
     name = ""
-    wants_images = True
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
@@ -60,9 +60,9 @@ class OldBatchLoss:
     def prepare(self, ctx: Context, model: nn.Module) -> None:
         """Fetch the frozen old model before training (it stays in eval mode)."""
         old = ctx.old_model()
-        if old.module.in_chans != model.in_chans:
+        if old.in_chans != model.in_chans:
             raise FCTError(
-                f"{self.name}: the old model reads {old.module.in_chans}-channel images but the "
+                f"{self.name}: the old model reads {old.in_chans}-channel images but the "
                 f"new model's training data has {model.in_chans}; use fct for this scenario"
             )
         self._old = old.module.eval()
@@ -83,14 +83,8 @@ class OldBatchLoss:
         """The unweighted term from new ``[N, d]`` and old ``[N, d]`` embeddings."""
         raise NotImplementedError
 
-    def __call__(
-        self,
-        embedding: torch.Tensor,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        x: torch.Tensor,
-    ) -> torch.Tensor:
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        """The weighted term of a batch: its images embedded by the old model."""
         # float32 for the term: under bf16 autocast the embeddings come in bf16.
-        old = self.old_embedding(x).float()
-        return self.weight * self.term(embedding.float(), old, labels)
+        old = self.old_embedding(batch.images).float()
+        return self.weight * self.term(batch.embedding.float(), old, batch.labels)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fct.errors import FCTError
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.methods.old_batch import OldBatchLoss, check_equal_dims
+from fct.session import Role
 
 if TYPE_CHECKING:
     from fct.context import Context
@@ -111,8 +112,8 @@ def old_entropy_order(ctx: Context) -> torch.Tensor:
     first: the entropy of the frozen old classifier's softmax over the old embedding (RACT's
     uncertainty-based backfilling, Zhang et al. 2022, sec. 3.3). Ties keep gallery order."""
     old = ctx.old_model()
-    x, _ = ctx.embed(old, "eval")
-    w = old.module.classifier.weight.detach().float().cpu()
+    x, _ = ctx.embed(old, Role.EVAL)
+    w = old.classifier_weight().float().cpu()
     entropies = []
     for i in range(0, len(x), 8192):
         logp = torch.log_softmax(x[i : i + 8192].float() @ w.T, dim=1)
