@@ -162,6 +162,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = parse_set(args.set or [])
     _check_seed(args.seed, "--seed")
+    # Every flag is checked before anything trains or a launcher starts; an empty list is a
+    # mistake (a shell variable that expanded to nothing), not "the default".
+    methods = None
+    if args.methods is not None:
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not methods:
+            raise FCTError(f"--methods names no method ({args.methods!r}); e.g. --methods fct,bct")
+    if args.scenarios is not None and not [p for p in args.scenarios.split(",") if p.strip()]:
+        raise FCTError(
+            f"--scenarios names no scenario ({args.scenarios!r}); see `fct list scenarios`"
+        )
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    if args.global_batch is not None and args.global_batch < 1:
+        raise FCTError(f"--global-batch must be a positive integer, got {args.global_batch}")
     if args.nproc is not None:
         _load_plugins(args)
         load_suite(args.suite, overrides=overrides)  # a bad suite fails here, once
@@ -182,10 +196,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         suite = smoke_suite(suite)
         if not args.out:
             args.out = str(RESULTS / f"{suite.name}-smoke")
-    methods = (
-        tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    )
-    seeds = _parse_seeds(args.seeds) if args.seeds else [args.seed]
     out = _results_dir(args, suite.name)
     if (REFERENCE / suite.name).exists() and out.resolve() == (REFERENCE / suite.name).resolve():
         raise FCTError(
@@ -291,9 +301,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from fct.io import write_json, write_text
     from fct.throughput import SIZES, measure, merge, to_markdown
 
+    import math
+
+    from fct.throughput.presets import resolve_dtype
+
     dev = resolve_device(args.device)
-    dtypes = (args.dtype or ("float32,bfloat16" if dev.type == "cuda" else "float32")).split(",")
+    default = "float32,bfloat16" if dev.type == "cuda" else "float32"
+    dtypes = [d.strip() for d in (default if args.dtype is None else args.dtype).split(",")]
+    for d in dtypes:  # all of them before the first measurement
+        if not d:
+            raise FCTError(f"--dtype names no dtype ({args.dtype!r}); e.g. --dtype float32")
+        resolve_dtype(d)
+    if args.budget is not None and not (0 < args.budget < math.inf):
+        raise FCTError(f"--budget must be a positive number of seconds, got {args.budget}")
     sizes = list(SIZES) if args.sizes == "both" else [args.sizes]
+    if args.batches is not None and not args.batches.strip():
+        raise FCTError("--batches names no batch size; e.g. --batches 256,4096")
     batches = _csv_ints(args.batches) if args.batches else None
     results = [
         measure(

@@ -188,9 +188,11 @@ class Suite:
 
     def select(self, pattern: str | None) -> list[Scenario]:
         """Scenarios whose names match the comma-separated wildcards in ``pattern``."""
-        if not pattern:
+        if pattern is None:
             return list(self.scenarios)
         pats = [p.strip() for p in pattern.split(",") if p.strip()]
+        if not pats:
+            raise FCTError(f"--scenarios names no scenario ({pattern!r}); see `fct list scenarios`")
         chosen = [s for s in self.scenarios if any(fnmatch.fnmatchcase(s.name, p) for p in pats)]
         if not chosen:
             names = [s.name for s in self.scenarios]

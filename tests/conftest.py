@@ -22,6 +22,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Tests never download: a missing Fashion-MNIST is not fetched by torchvision on its own
+# (fct.data.fashion_mnist), in this process or in any `fct` subprocess (they inherit it). The
+# tests of the automatic download remove it with monkeypatch and fake torchvision's class.
+os.environ["FCT_NO_DOWNLOAD"] = "1"
+
 # Record keys that measure time or speed (or say when and where), which no rerun reproduces.
 VOLATILE = re.compile(r"seconds|per_s|date|speedup|throughput|time")
 

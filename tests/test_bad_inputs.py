@@ -20,8 +20,9 @@ from conftest import assert_cache_verifies, entries
 from fabricate import fabricate_imagenet
 
 from fct.cli import main
+from fct.scenarios import SUITES_DIR
 
-TINY = Path(__file__).resolve().parent.parent / "suites" / "tiny.toml"
+TINY = SUITES_DIR / "tiny.toml"
 
 
 def fails(capsys, argv: list[str]) -> str:
@@ -70,7 +71,114 @@ def test_missing_data_root(tmp_path, capsys, monkeypatch):
     )
     assert str(empty) in msg and "apt-get install dataset-fashion-mnist" in msg
     assert "--data-root" in msg and "--download" in msg
+    assert "FCT_NO_DOWNLOAD is set" in msg  # tests/conftest.py: tests never download
     assert nothing_trained(cache)
+
+
+# What torchvision's MNIST.download raises when no mirror answers (torchvision 0.29).
+OFFLINE = (
+    "Error downloading train-images-idx3-ubyte.gz:\n"
+    "Tried http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/, got:\n"
+    "<urlopen error [Errno -2] Name or service not known>\n"
+)
+
+
+@pytest.fixture
+def no_fashion_mnist(tmp_path, monkeypatch):
+    """No copy of Fashion-MNIST anywhere, the automatic download on, and torchvision's
+    FashionMNIST replaced by a stand-in that records its calls (and by default fails as
+    torchvision does offline). Yields the list of calls; ``calls.fetch`` makes it succeed."""
+    import torchvision.datasets
+
+    import fct.data.fashion_mnist as fmnist
+
+    monkeypatch.delenv("FCT_NO_DOWNLOAD")
+    monkeypatch.delenv("FCT_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the download cache: ~/.cache/fct/data
+    monkeypatch.setattr(fmnist, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(fmnist, "_FAILED", {})
+
+    class Calls(list):
+        fetch = False
+
+    calls = Calls()
+
+    def fashion_mnist(root, train=True, download=False):
+        calls.append((root, train, download))
+        if not calls.fetch:
+            raise RuntimeError(OFFLINE)
+        from test_data import write_fashion
+
+        write_fashion(Path(root) / "FashionMNIST" / "raw")  # where torchvision puts them
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fashion_mnist)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["--data-root", "$FCT_DATA", "cache"])
+def test_missing_fashion_mnist_is_downloaded_first(where, tmp_path, capsys, monkeypatch,
+                                                   no_fashion_mnist):  # fmt: skip
+    """Without --download, a missing Fashion-MNIST is fetched by torchvision into the data
+    root (--data-root, else $FCT_DATA, else ~/.cache/fct/data); offline, the run stops with
+    one line naming the apt package, --data-root and the download's error, before training,
+    after one attempt (not one per split), leaving no empty folder behind."""
+    target = {"--data-root": tmp_path / "root", "$FCT_DATA": tmp_path / "shared",
+              "cache": tmp_path / "home" / ".cache" / "fct" / "data"}[where]  # fmt: skip
+    argv = ["run", "quickstart", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]
+    if where == "--data-root":
+        argv += ["--data-root", str(target)]
+    elif where == "$FCT_DATA":
+        monkeypatch.setenv("FCT_DATA", str(target))
+    msg = fails(capsys, argv)
+    assert no_fashion_mnist == [(str(target), True, True)]
+    assert msg.startswith(
+        f"error: scenario 'fmnist-half' [old]: downloading Fashion-MNIST into {target} failed "
+        "(Error downloading train-images-idx3-ubyte.gz: <urlopen error [Errno -2] Name or "
+        "service not known>); get it with `apt-get install dataset-fashion-mnist`, or pass "
+        "--data-root DIR with the four IDX files"
+    )
+    assert str(tmp_path / "no-debian") in msg  # and where it looked
+    assert not target.exists() and not (tmp_path / "home" / ".cache").exists()
+    assert nothing_trained(tmp_path / "c")
+
+
+def test_a_failed_download_is_not_retried_for_the_next_split(no_fashion_mnist, tmp_path):
+    from fct.data import load_dataset
+    from fct.errors import FCTError
+
+    for split in ("train", "test", "train"):
+        with pytest.raises(FCTError, match="Name or service not known") as err:
+            load_dataset("fashion_mnist", split, tmp_path / "root")
+        assert "\n" not in str(err.value)
+    assert len(no_fashion_mnist) == 1  # one wait on the network per process, not one per split
+
+
+def test_downloaded_fashion_mnist_is_used_and_found_next_time(no_fashion_mnist, tmp_path):
+    from fct.data import load_dataset
+
+    no_fashion_mnist.fetch = True
+    train = load_dataset("fashion_mnist", "train")
+    test = load_dataset("fashion_mnist", "test")
+    cache = tmp_path / "home" / ".cache" / "fct" / "data"
+    assert no_fashion_mnist == [(str(cache), True, True)]  # once: the test split was there
+    assert (len(train), len(test), train.num_classes) == (12, 6, 10)
+    assert (cache / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+def test_fct_no_download_turns_the_attempt_off(no_fashion_mnist, monkeypatch, tmp_path):
+    """FCT_NO_DOWNLOAD=1 (as every test runs): no attempt, the not-found line; --download
+    still downloads."""
+    from fct.data import load_dataset
+    from fct.errors import FCTError
+
+    monkeypatch.setenv("FCT_NO_DOWNLOAD", "1")
+    with pytest.raises(FCTError, match="Fashion-MNIST not found; looked in") as err:
+        load_dataset("fashion_mnist", "train", tmp_path / "root")
+    assert "or --download (the automatic download is off: FCT_NO_DOWNLOAD is set)" in str(err.value)
+    assert no_fashion_mnist == []
+    with pytest.raises(FCTError, match="downloading Fashion-MNIST into .*/root failed"):
+        load_dataset("fashion_mnist", "train", tmp_path / "root", download=True)
+    assert no_fashion_mnist == [(str(tmp_path / "root"), True, True)]
 
 
 def test_dataset_folder_with_the_wrong_layout(tmp_path, capsys):
@@ -125,12 +233,16 @@ def test_class_subset_larger_than_the_dataset(tmp_path, capsys):
 
 
 def test_embedding_sizes_bct_cannot_handle(tmp_path, capsys):
+    """A refused (scenario, method) pair is named before anything trains; the other pairs
+    would still run (tests/test_runner.py), so only the refused one is selected here."""
     suite = suite_file(tmp_path, extra="new = { embedding_dim = 64 }\n")
-    cache = tmp_path / "cache"
-    msg = fails(capsys, ["run", str(suite), "--out", str(tmp_path / "o"), "--cache", str(cache)])
-    assert msg == (
-        "error: scenario 'half-classes', method bct: BCT needs equal old and new embedding sizes "
-        "(old 32, new 64); use fct or fct_side for cross-dimension scenarios"
+    cache, out = tmp_path / "cache", tmp_path / "o"
+    argv = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--methods", "bct"]
+    msg = fails(capsys, argv)
+    assert "1 of 1 (scenario, method) pairs did not run" in msg and "half-classes/bct" in msg
+    assert (
+        "refused before training: BCT needs equal old and new embedding sizes (old 32, new 64); "
+        "use fct or fct_side for cross-dimension scenarios" in msg
     )
     assert nothing_trained(cache)  # refused before the first training, not after
 
@@ -148,8 +260,14 @@ def test_loss_turning_nan(tmp_path, capsys, trained_cache, one_thread):
     suite = suite_file(tmp_path, {"lr = 2e-3": "lr = 1e9"})  # the transformation's lr
     out, before = tmp_path / "o", entries(trained_cache)
     msg = fails(capsys, ["run", str(suite), "--out", str(out), "--cache", str(trained_cache)])
-    assert "error: loss became" in msg and "while training h-test_resnet-synthetic-all-ce-32" in msg
-    assert "lower the learning rate (now lr = 1000000000.0) in the suite file and rerun" in msg
+    # Both methods that train h fail; the summary names each with its reason (the log line
+    # before it has the whole reason, ending "in the suite file and rerun").
+    assert "2 of 4 (scenario, method) pairs did not run" in msg and "half-classes/fct" in msg
+    assert (
+        "loss became inf at epoch 1, step 2 while training h-test_resnet-synthetic-all-ce-32;"
+        in msg
+    )
+    assert "lower the learning rate (now lr = 1000000000.0)" in msg
     # The records finished before the failure stay; so does every finished cache entry.
     assert sorted(p.name for p in (out / "runs" / "half-classes").iterdir()) == [
         "bct.json",
@@ -183,7 +301,11 @@ def test_no_space_left_while_writing(
     methods = "independent,fct" if where == "checkpoint" else "independent,bct"
     argv = ["run", "tiny", "--out", str(out), "--cache", str(trained_cache), "--methods", methods]
     msg = fails(capsys, argv)
-    assert "no space left on device while" in msg and "free disk space and rerun" in msg
+    if where == "checkpoint":  # a failed pair: named in the summary, the suite went on
+        assert "no space left on device while checkpointing to " in msg
+        assert "half-classes/fct" in msg
+    else:  # a record that cannot be written stops the run
+        assert "no space left on device while" in msg and "free disk space and rerun" in msg
     monkeypatch.undo()
     runs = out / "runs" / "half-classes"
     # The record finished first stays, and no temp file is left behind.
@@ -228,3 +350,18 @@ def test_environment_errors_escaping_the_checks_still_get_one_line(tmp_path, cap
     monkeypatch.setattr(fct.runner, "run_suite", raise_(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         main(argv)
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_traceback(capsys, monkeypatch):
+    """`fct list methods | head -1`: writing to the closed pipe ends quietly with status 141
+    (as a tool killed by SIGPIPE), not with a BrokenPipeError traceback."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["list", "methods"]) == 141
+    assert capsys.readouterr().err == ""

@@ -22,7 +22,7 @@ from fct.errors import FCTError
 from fct.runner import record_path
 from fct.scenarios import ARCH_ARGS, NAME_MAX, check_name, load_suite, parse_suite
 
-TINY = Path(__file__).resolve().parent.parent / "suites" / "tiny.toml"
+TINY = Path(__file__).resolve().parent.parent / "fct" / "suites" / "tiny.toml"
 
 # Small enough to load in milliseconds: no data is read when a suite is parsed.
 HEAD = '[suite]\nname = "t"\nmethods = ["independent", "bct", "fct", "fct_side"]\n'

@@ -148,7 +148,7 @@ def test_toml_syntax_error_names_the_line(tmp_path, capsys):
 
 
 def test_curves_can_be_switched_off_per_scenario(tmp_path):
-    text = (Path(__file__).resolve().parent.parent / "suites" / "tiny.toml").read_text()
+    text = (Path(__file__).resolve().parent.parent / "fct" / "suites" / "tiny.toml").read_text()
     suite = tmp_path / "nocurves.toml"
     suite.write_text(
         text.replace('name = "tiny"', 'name = "nocurves"') + "eval = { curves = false }\n"

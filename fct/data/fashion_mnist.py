@@ -1,10 +1,17 @@
-"""Fashion-MNIST from its IDX files (gzipped or not), found on disk or downloaded on request."""
+"""Fashion-MNIST from its IDX files (gzipped or not), found on disk or else downloaded.
+
+When no copy is found, the loader tries torchvision's download by itself (with its progress
+bar) into the data root: ``--data-root``, else ``$FCT_DATA``, else ``~/.cache/fct/data``.
+``FCT_NO_DOWNLOAD=1`` turns that automatic attempt off (``--download`` still downloads).
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
+import socket
 import zlib
 from pathlib import Path
 
@@ -15,11 +22,13 @@ from fct.data.base import (
     DATASETS,
     ImageSource,
     check_split,
+    download_dir,
     read_data_file,
     search_bases,
-    torchvision_download,
 )
 from fct.errors import FCTError
+
+log = logging.getLogger(__name__)
 
 # The Debian/Ubuntu package dataset-fashion-mnist installs the four .gz files here.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -39,6 +48,17 @@ HOW_TO_GET = (
     "get it with `apt-get install dataset-fashion-mnist`, or pass --data-root DIR with the "
     "IDX files, or --download"
 )
+#: What to do when a download failed (no network, a full disk, a mirror down).
+AFTER_FAILED_DOWNLOAD = (
+    "get it with `apt-get install dataset-fashion-mnist`, or pass --data-root DIR with the "
+    "four IDX files (train-images-idx3-ubyte.gz, ...)"
+)
+#: Set to 1 (true, yes, on) to turn off the automatic download of a missing Fashion-MNIST.
+NO_DOWNLOAD_ENV = "FCT_NO_DOWNLOAD"
+#: Seconds a stalled connection may stay silent before the download gives up.
+DOWNLOAD_TIMEOUT_S = 30.0
+#: Download folders whose attempt failed in this process: not tried again (one wait only).
+_FAILED: dict[Path, str] = {}
 
 
 def _stems(split: str) -> tuple[str, str]:
@@ -70,12 +90,31 @@ def _candidates(root: str | os.PathLike[str] | None) -> list[Path]:
     return folders
 
 
+def auto_download() -> bool:
+    """Whether a missing Fashion-MNIST is downloaded without ``--download``: yes, unless
+    ``$FCT_NO_DOWNLOAD`` is set to 1, true, yes or on."""
+    return os.environ.get(NO_DOWNLOAD_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def download_target(root: str | os.PathLike[str] | None) -> Path:
+    """Where a download goes: ``root`` (--data-root), else ``$FCT_DATA``, else
+    ``~/.cache/fct/data``; the files land in its ``FashionMNIST/raw``, searched next time."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get("FCT_DATA"):
+        return Path(os.environ["FCT_DATA"]).expanduser()
+    return download_dir(None)
+
+
 def find_fashion_mnist(root: str | os.PathLike[str] | None = None, download: bool = False) -> Path:
     """The folder holding the four Fashion-MNIST IDX files.
 
     Looks in ``root`` (and root/FashionMNIST/raw, root/fashion_mnist), then ``$FCT_DATA`` (same
-    sub-paths), the Debian package folder, and the download cache; with ``download=True`` and
-    nothing found, downloads through torchvision into ``root`` or ``~/.cache/fct/data``.
+    sub-paths), the Debian package folder, and the download cache. When nothing is found it
+    downloads through torchvision into ``download_target(root)``: always with
+    ``download=True``, and by default without it too, unless ``$FCT_NO_DOWNLOAD`` is set.
+    A failed download raises one FCTError line naming the apt package, --data-root and the
+    download's error.
     """
     looked = []
     for folder in _candidates(root):
@@ -84,20 +123,60 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None, download: boo
             return folder
         why = "missing" if not folder.is_dir() else f"lacks {', '.join(missing)}"
         looked.append(f"{folder} ({why})")
-    if download:
-        return _download(root)
-    raise FCTError(f"Fashion-MNIST not found; looked in: {'; '.join(looked)}. {HOW_TO_GET}")
-
-
-def _download(root: str | os.PathLike[str] | None) -> Path:
-    """Download through torchvision; its files land in DIR/FashionMNIST/raw."""
-    from torchvision.datasets import FashionMNIST
-
-    return (
-        torchvision_download(FashionMNIST, "Fashion-MNIST", root, HOW_TO_GET)
-        / "FashionMNIST"
-        / "raw"
+    if download or auto_download():
+        return _download(root, looked, asked=download)
+    raise FCTError(
+        f"Fashion-MNIST not found; looked in: {'; '.join(looked)}. {HOW_TO_GET} "
+        f"(the automatic download is off: {NO_DOWNLOAD_ENV} is set)"
     )
+
+
+def _short(error: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: torchvision's download error spans lines ("Error
+    downloading F:", then "Tried MIRROR, got:" and the cause per mirror); keep the first line
+    and the last cause."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    lines = [line for line in lines if line] or [type(error).__name__]
+    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _download(root: str | os.PathLike[str] | None, looked: list[str], asked: bool) -> Path:
+    """Download through torchvision (with its progress bar); its files land in
+    TARGET/FashionMNIST/raw. A failure is one FCTError line, remembered for this process so
+    that the next split asked for does not wait on the network again."""
+    import torchvision.datasets
+
+    target = download_target(root)
+    raw = target / "FashionMNIST" / "raw"
+    if target in _FAILED and not asked:
+        raise FCTError(_FAILED[target])
+    how = "--download" if asked else f"not found locally; set {NO_DOWNLOAD_ENV}=1 to skip this"
+    log.info("Fashion-MNIST: downloading it with torchvision into %s (%s)", raw, how)
+    created = [p for p in (raw, *raw.parents) if not p.exists()][::-1]  # outermost first
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled connection fails, not hangs
+    try:
+        torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+        missing = _missing_files(raw)
+        if missing:
+            raise RuntimeError(f"the download left no {', '.join(missing)} in {raw}")
+    except Exception as e:  # network, disk and archive errors come in many types
+        for folder in reversed(created):  # leave no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        message = (
+            f"downloading Fashion-MNIST into {target} failed ({_short(e)}); "
+            f"{AFTER_FAILED_DOWNLOAD}. Not found in: {'; '.join(looked)}"
+        )
+        _FAILED[target] = message
+        raise FCTError(message) from e
+    finally:
+        socket.setdefaulttimeout(before)
+    _FAILED.pop(target, None)
+    return raw
 
 
 def _read_bytes(path: Path) -> bytes:

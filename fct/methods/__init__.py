@@ -50,7 +50,11 @@ def load_plugin(spec: str) -> None:
             mod_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[name] = module
-            mod_spec.loader.exec_module(module)
+            try:
+                mod_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)  # a failed plugin is not "already imported"
+                raise
         else:
             if "" not in sys.path:
                 sys.path.insert(0, "")  # a module in the working directory, as `python -m` finds it
