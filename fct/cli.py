@@ -10,12 +10,19 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fct import __version__
 from fct.errors import FCTError
+
+# OpenMP threads that wait for work spin on their core by default; beside other processes a
+# spinning thread takes the core a working one needs, and a training step slowed 10x beside
+# one busy process (docs/throughput.md, "A busy machine"). Sleeping waits cost nothing
+# measurable on a quiet machine. Set before torch (and its OpenMP runtime) is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +38,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     # Checked before any file is read: a bad --device is a typo, found in a second.
     device = str(resolve_device(args.device))
+    from fct.threads import configure_threads
+
+    configure_threads()
     query = load_npz(args.query)
     gallery = load_npz(args.gallery) if args.gallery else None
     if args.paired and gallery is None:
@@ -197,6 +207,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.out:
             args.out = str(RESULTS / f"{suite.name}-smoke")
     out = _results_dir(args, suite.name)
+    from fct.threads import configure_threads
+
+    configure_threads()
     if (REFERENCE / suite.name).exists() and out.resolve() == (REFERENCE / suite.name).resolve():
         raise FCTError(
             f"{out} holds the project's reference results, which a run never overwrites; "
@@ -297,12 +310,11 @@ def _csv_ints(text: str) -> list[int]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """``fct bench transformation``: fct.throughput measures, this prints and writes."""
+    import math
+
     from fct.device import resolve_device
     from fct.io import write_json, write_text
     from fct.throughput import SIZES, measure, merge, to_markdown
-
-    import math
-
     from fct.throughput.presets import resolve_dtype
 
     dev = resolve_device(args.device)

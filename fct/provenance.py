@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from fct import __version__
+from fct.threads import threads_used
 
 
 def _version(dist: str) -> str | None:
@@ -88,6 +89,7 @@ def provenance(
         "device": device_name(device),
         "host_cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_threads": threads_used(),
         "seed": seed,
         "date": utc_now(),
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 3),

@@ -34,6 +34,7 @@ from fct import distributed
 from fct.errors import FCTError
 from fct.io import atomic_dir, sha256_file, write_safetensors
 from fct.seeding import isolated_rng  # noqa: F401  (re-exported: fct.train.isolated_rng)
+from fct.threads import adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +376,8 @@ def train(
     last = float("nan")
     try:
         for epoch in range(start, cfg.epochs):
+            if epoch > start:
+                adapt_threads()  # follow the machine's load (fct.threads)
             # Each rank draws its own dropout masks and the like (rank 0 as a single process would).
             torch.manual_seed(epoch_seed(seed, epoch) + distributed.rank())
             if on_epoch_start:

@@ -27,6 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # tests of the automatic download remove it with monkeypatch and fake torchvision's class.
 os.environ["FCT_NO_DOWNLOAD"] = "1"
 
+# One CPU thread in every in-process run (fct.threads honours FCT_THREADS), as the `fct`
+# subprocesses get with OMP_NUM_THREADS=1: records compare across both, and the tests neither
+# oversubscribe a busy machine nor depend on its load. OpenMP waits sleep (as `fct` sets).
+os.environ.setdefault("FCT_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Record keys that measure time or speed (or say when and where), which no rerun reproduces.
 VOLATILE = re.compile(r"seconds|per_s|date|speedup|throughput|time")
 
