@@ -34,6 +34,7 @@ class LinearMap(Method):
     """Ridge regression old -> new embedding (no side-information, no training loop)."""
 
     label = "Linear map"
+    keeps_new_model = True  # queries with ctx.new_model(), Independent's new model
     Settings = LinearMapSettings
 
     def fit(self, ctx) -> Deployment:

@@ -209,7 +209,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = _results_dir(args, suite.name)
     from fct.threads import configure_threads
 
-    configure_threads()
+    configure_threads(quiet=True)  # run_suite logs the count once the checks passed
     if (REFERENCE / suite.name).exists() and out.resolve() == (REFERENCE / suite.name).resolve():
         raise FCTError(
             f"{out} holds the project's reference results, which a run never overwrites; "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,16 +27,14 @@ from fct.context import Context
 from fct.curves import backfill_curves
 from fct.embedding import apply_transformation
 from fct.errors import FCTError
-from fct.io import check_writable, read_json, write_json
+from fct.io import check_writable, read_json
 from fct.methods import Deployment
 from fct.provenance import provenance, source_digest
+from fct.record import SCHEMA, RunRecord, is_current, record_path
 from fct.scenarios import Scenario, Suite, config_hash
 from fct.session import Session
 
 log = logging.getLogger(__name__)
-
-SCHEMA = 1
-CASES = ("old/old", "new/new", "cross")
 
 
 @dataclass(frozen=True)
@@ -68,52 +65,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
     from fct.device import resolve_device as resolve
 
     return resolve(name)
-
-
-def record_path(out: Path, scenario: str, method: str, seed: int) -> Path:
-    """Where the run record of (scenario, method, seed) lives: ``OUT/runs/SCENARIO/FILE``.
-
-    Suite files can only hold safe names (fct.scenarios.check_name); this is the last line of
-    defence for a name that did not come through them (a plugin's method, a Scenario built in
-    code) and for a scenario folder that is a symlink out of the results: either would write a
-    record outside ``OUT/runs``, which is refused with an FCTError.
-    """
-    runs = Path(out) / "runs"
-    problem = _not_a_file_name(scenario) or _not_a_file_name(method)
-    if problem is None:
-        stem = method if seed == 0 else f"{method}.seed{seed}"
-        path = runs / scenario / f"{stem}.json"
-        try:
-            # Resolved (symlinks followed), the scenario folder must still be a folder of runs/;
-            # OUT and OUT/runs may themselves be links (results kept on another disk). The
-            # record file itself is not resolved: a link there is damage that _up_to_date moves
-            # aside, and writing a record replaces a link rather than following it.
-            if (runs / scenario).resolve().parent != runs.resolve():
-                problem = f"{runs / scenario} leads out of {runs}"
-        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-            problem = f"{runs / scenario} cannot be resolved ({getattr(e, 'strerror', None) or e})"
-    if problem is not None:
-        raise FCTError(
-            f"the run record of scenario {scenario!r:.80}, method {method!r:.80} would be outside "
-            f"a scenario folder of {runs}: {problem}; use names of letters, digits, '-', '_' "
-            "and '.', and no symlink out of OUT/runs"
-        )
-    return path
-
-
-def _not_a_file_name(name: object) -> str | None:
-    """Why ``name`` cannot be one file or folder name inside a folder, or None when it can."""
-    if (
-        not isinstance(name, str)
-        or name in ("", ".", "..")
-        or "\x00" in name
-        or "/" in name
-        or (os.altsep is not None and os.altsep in name)
-    ):
-        return f"{name!r:.80} is not a plain file name"
-    if len(f"{name}.seed{2**63}.json".encode()) > 255:  # most file systems' limit
-        return f"a name of {len(name)} characters is too long for a file name"
-    return None
 
 
 def _features(x: torch.Tensor, y: torch.Tensor, name: str) -> retrieval.FeatureSet:
@@ -275,31 +226,30 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     costs["train_seconds_method"] = round(own, 2)
     costs["train_seconds_shared"] = round(costs["train_seconds"] - own, 2)
     wall = time.perf_counter() - t0
-    record = {
-        "schema": SCHEMA,
-        "suite": sc.suite,
-        "scenario": sc.name,
-        "method": method_name,
-        "label": method.display_label,
-        "seed": opts.seed,
-        "smoke": opts.smoke,
-        "config_hash": digest,
-        "method_source": source,
-        "scenario_config": sc.as_dict(),
-        "method_config": method.config(),
-        "cases": cases,
-        "costs": costs,
+    record = RunRecord(
+        suite=sc.suite,
+        scenario=sc.name,
+        method=method_name,
+        label=method.display_label,
+        seed=opts.seed,
+        smoke=opts.smoke,
+        config_hash=digest,
+        method_source=source,
+        scenario_config=sc.as_dict(),
+        method_config=method.config(),
+        cases=cases,
+        costs=costs,
         **curves,  # curves, auc, backfill_curves (fct.curves); cases_cosine, diagnostics
-        "artifacts": {name: a.digest for name, a in used.items()},
-        "artifact_weights": {name: a.entry.weights_digest() for name, a in used.items()},
-        "models": _model_roles(ctx, dep),
-        "notes": json.loads(json.dumps(dep.notes, default=str)),  # Deployment.notes
-        "provenance": {
+        artifacts={name: a.digest for name, a in used.items()},
+        artifact_weights={name: a.entry.weights_digest() for name, a in used.items()},
+        models=_model_roles(ctx, dep),
+        notes=json.loads(json.dumps(dep.notes, default=str)),  # Deployment.notes
+        provenance={
             **provenance(str(ctx.device), opts.seed, wall),
             "world_size": distributed.world(),
         },
-    }
-    write_json(path, record)
+    )
+    record.write(path)
     c = cases["cross"]
     log.info(
         "%s / %s: cross top1 %.2f mAP %.2f (old/old mAP %.2f, new/new mAP %.2f) -> %s",
@@ -335,7 +285,7 @@ def _up_to_date(
     path: Path, digest: str, source: str | None, opts: RunOptions, scenario: str, method: str
 ) -> bool:
     """Whether the record at ``path`` was made from this config and this method source
-    (rank 0 reads it)."""
+    (rank 0 reads it; fct.record.is_current); never under ``--force`` or ``--rerun``."""
     if not distributed.is_main() or not (path.exists() or path.is_symlink()):
         return False
     if opts.force or opts.rerun:
@@ -343,48 +293,7 @@ def _up_to_date(
             "%s / %s: rerun asked (%s)", scenario, method, "--force" if opts.force else "--rerun"
         )
         return False
-    try:
-        rec = read_json(path)
-    except FCTError as e:
-        log.warning("%s is unreadable (%s); rerunning it", path, e)
-        _move_aside(path)
-        return False
-    if isinstance(rec, dict) and rec.get("config_hash") == digest:
-        if source is not None and rec.get("method_source") != source:
-            log.info(
-                "%s / %s: the method's source file changed since %s was written; rerunning "
-                "the method and its evaluation (cached shared models are reused)",
-                scenario,
-                method,
-                path,
-            )
-            return False
-        log.info("%s / %s: up to date (%s), skipped", scenario, method, path)
-        return True
-    if not isinstance(rec, dict):
-        log.warning("%s is not a run record (a JSON %s); rerunning it", path, type(rec).__name__)
-        _move_aside(path)
-        return False
-    log.info("%s / %s: config changed since %s was written; rerunning", scenario, method, path)
-    return False
-
-
-def _move_aside(path: Path) -> None:
-    """Move a damaged record (a file, a folder, a link) out of the way as ``NAME.corrupt``,
-    so the rerun can write the record and the damaged one is kept for a look."""
-    import shutil
-
-    target = path.with_name(path.name + ".corrupt")
-    try:
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        os.replace(path, target)
-    except OSError as e:
-        raise FCTError(
-            f"{path} is damaged and cannot be moved aside ({e.strerror or e}); delete it and rerun"
-        ) from e
+    return is_current(path, digest, source, f"{scenario} / {method}")
 
 
 def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
@@ -469,18 +378,6 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     cache = Cache(opts.cache)
     scenarios: list[Scenario] = suite.select(opts.scenarios)
     written: list[Path] = []
-    log.info(
-        "suite %s%s: %d scenario(s) on %s%s; records -> %s/runs, cache -> %s",
-        suite.name,
-        " (smoke: a wiring test, not results)" if opts.smoke else "",
-        len(scenarios),
-        device,
-        f" x {distributed.world()} process{'es' if distributed.world() > 1 else ''}"
-        if distributed.active()
-        else "",
-        opts.out,
-        cache.root,
-    )
     if distributed.is_main():
         check_writable(opts.out / "runs", "results folder", "choose another --out")
         check_smoke(opts.out, opts.smoke)
@@ -508,6 +405,20 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
             record_path(opts.out, sc.name, m, opts.seed)
         plan.append((ctx, [m for m in methods if m not in refused]))
     total = sum(len(ms) for _, ms in plan) + len(failures)
+    # Logged once every check passed: a refused run prints its one error line only.
+    log.info(
+        "suite %s%s: %d scenario(s) on %s%s%s; records -> %s/runs, cache -> %s",
+        suite.name,
+        " (smoke: a wiring test, not results)" if opts.smoke else "",
+        len(scenarios),
+        device,
+        f" x {distributed.world()} process{'es' if distributed.world() > 1 else ''}"
+        if distributed.active()
+        else "",
+        f" ({torch.get_num_threads()} CPU threads)" if device.type == "cpu" else "",
+        opts.out,
+        cache.root,
+    )
     for ctx, methods in plan:
         for m in methods:
             try:

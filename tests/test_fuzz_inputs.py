@@ -1481,6 +1481,7 @@ def test_the_real_cli_answers_as_the_in_process_harness(guarded):
 # Inputs that break the contract today, each with where it goes wrong. strict: once one is
 # fixed, its XPASS fails this test: move the input into the strategies above.
 _CLASS_RANGE = BASE_TEXT.replace("classes = [0, 10]", "classes = [0, 30]").encode()
+#: Gaps the fuzz found (each with where it was and the fix), all fixed since: regular cases.
 KNOWN_GAPS = {
     "run --seeds '' trains seed 0": (
         Case(("run", "tiny", *RUN_OUT, "--seeds", ""), allowed=("out", "cache")),
@@ -1551,24 +1552,8 @@ KNOWN_GAPS = {
 }
 
 
-#: Gaps found by the fuzz and fixed since: they stay as regular cases.
-FIXED = {name for name in KNOWN_GAPS if "logs a line first" not in name}
-
-
 @pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(case, id=name, marks=pytest.mark.xfail(strict=True, reason=why))
-        for name, (case, why) in KNOWN_GAPS.items()
-        if name not in FIXED
-    ],
-)
-def test_known_gaps(case, guarded):
-    assert_refused(case, run_case(case))
-
-
-@pytest.mark.parametrize(
-    "case", [pytest.param(KNOWN_GAPS[name][0], id=name) for name in sorted(FIXED)]
+    "case", [pytest.param(case, id=name) for name, (case, _) in sorted(KNOWN_GAPS.items())]
 )
 def test_fixed_gaps(case, guarded):
     assert_refused(case, run_case(case))

@@ -140,7 +140,7 @@ def test_plugin_new_model_identified_by_artifact_digest(tmp_path: Path) -> None:
     assert "reuse new/new" not in names
 
 
-def test_independent_is_found_by_base() -> None:
+def test_independent_is_found_by_base_in_older_records() -> None:
     recs = [
         {**r, "_path": f"{i}.json"}
         for i, r in enumerate(base_records())
@@ -149,9 +149,61 @@ def test_independent_is_found_by_base() -> None:
     recs.append(variant("a", "indep_run", "independent", (5.0, 1.0), "Independent (renamed)"))
     recs[-1]["_path"] = "x.json"
     summary = summarize(recs, SUITE)
-    assert summary.independent("a") == "indep_run"
+    assert summary.baseline("a") == "indep_run"
     assert summary.reference("a", "new/new").method == "indep_run"
     assert summary.cell("a", "bct").stats["new_new_change_mAP"].mean == pytest.approx(-5.0)
+
+
+def declared(
+    rec: dict[str, Any], order: int | None, role: str = "method", keeps: bool | None = None
+) -> dict[str, Any]:
+    """``rec`` as written since methods declare their traits (fct.record.MethodTraits)."""
+    rec["method_config"].update(report_order=order, role=role, keeps_new_model=keeps)
+    return rec
+
+
+def test_declared_traits_decide_not_the_method_names(tmp_path: Path) -> None:
+    """Records that carry ``report_order``, ``role`` and ``keeps_new_model`` are ordered and
+    read by them: a plugin baseline is the reference, a method named "independent" that says
+    it is not the baseline is not, a plugin's declared order places it among the built-ins,
+    and a declared own new model gets its new/new row with Independent's very numbers."""
+    folder = tmp_path / "r"
+    recs = [
+        declared(make_record("a", "independent", (5.0, 1.0)), 10, keeps=True),
+        declared(make_record("a", "my_baseline", (6.0, 2.0), new=(60.0, 40.0)), 99, "baseline"),
+        declared(make_record("a", "fct", (45.0, 25.0), new=(60.0, 40.0)), 30, keeps=True),
+        declared(make_record("a", "mine", (41.0, 21.0), new=(60.0, 40.0)), 15, keeps=False),
+        declared(make_record("a", "later", (42.0, 22.0), new=(61.0, 41.0)), None, keeps=True),
+    ]
+    for rec in recs:
+        write_record(folder, rec)
+    summary = summarize([{**r, "_path": f"{r['method']}.json"} for r in recs], SUITE)
+    assert summary.methods == ["independent", "mine", "fct", "my_baseline", "later"]
+    assert summary.baseline("a") == "my_baseline"
+    assert summary.reference("a", "new/new").method == "my_baseline"
+    assert summary.cell("a", "independent").stats["new_new_change_mAP"].mean == -5.0
+    assert summary.cell("a", "my_baseline").stats["new_new_change_mAP"].mean == 0.0
+    build_report(SUITE, [folder])
+    names = table_names((folder / "tables" / "a.md").read_text())
+    assert "mine new/new" in names  # declared: no numeric difference needed
+    assert "later new/new" not in names  # declared to keep it: its new/new differs by 1 point
+    assert "FCT new/new" not in names
+
+
+def test_records_without_traits_fall_back_to_the_names_only_then(tmp_path: Path) -> None:
+    """A record written before the traits (no keys) is read by its registered name; one of
+    the same name written since is read by what it declares."""
+    old = [r for r in base_records() if r["scenario"] == "a"]
+    summary = summarize([{**r, "_path": f"{i}.json"} for i, r in enumerate(old)], SUITE)
+    assert summary.baseline("a") == "independent"
+    assert summary.shares_new_model("a", "fct") and not summary.shares_new_model("a", "bct")
+    new = copy.deepcopy(old)
+    for rec in new:
+        declared(rec, None)  # nothing declared: a plugin's defaults
+    summary = summarize([{**r, "_path": f"{i}.json"} for i, r in enumerate(new)], SUITE)
+    assert summary.baseline("a") is None
+    assert summary.methods == ["bct", "fct", "fct_side", "independent"]  # by name
+    assert summary.shares_new_model("a", "fct") is None  # the table compares the numbers
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fct.cli import main
+from fct.record import RunRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,41 @@ def test_every_method_writes_a_complete_record(tiny_run):
     # BCT's new model is its own; FCT's new model is the independent one.
     assert recs["fct"]["cases"]["new/new"] == recs["independent"]["cases"]["new/new"]
     assert recs["bct"]["cases"]["new/new"] != recs["independent"]["cases"]["new/new"]
+
+
+def test_records_are_run_records_with_the_method_traits(tiny_run):
+    """Every key the runner writes, read back by the typed record as it is on disk, with what
+    each method declares about itself."""
+    out, _ = tiny_run
+    for path in sorted((out / "runs").glob("*/*.json")):
+        rec = RunRecord.read(path)
+        on_disk = json.loads(path.read_text())
+        assert rec.to_json() == on_disk and not rec.extra
+        assert set(on_disk) == {
+            *("schema", "suite", "scenario", "method", "label", "seed", "smoke"),
+            *("config_hash", "method_source", "scenario_config", "method_config", "cases"),
+            *("costs", "curves", "auc", "backfill_curves", "cases_cosine", "diagnostics"),
+            *("artifacts", "artifact_weights"),
+            *("models", "notes", "provenance"),
+        }
+    traits = {name: RunRecord.read(p).traits for name, p in _paths(out).items()}
+    assert traits["independent"].role == "baseline" and traits["fct"].role == "method"
+    assert [traits[m].keeps_new_model for m in ("independent", "bct", "fct", "fct_side")] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    assert sorted(traits, key=lambda m: traits[m].report_order) == [
+        "independent",
+        "bct",
+        "fct",
+        "fct_side",
+    ]
+
+
+def _paths(out: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((out / "runs").glob("*/*.json"))}
 
 
 def test_compatibility_findings_on_tiny(tiny_run):
@@ -137,6 +173,10 @@ def test_example_plugin_runs(tiny_run, capsys):
         "base": "linear_map",
         "label": "Linear map",
         "settings": {"ridge": 1e-3},
+        # a plugin's default traits: after the built-ins, not the baseline, does not say
+        "report_order": None,
+        "role": "method",
+        "keeps_new_model": None,
     }
     assert rec["cases"]["cross"]["mAP"] > records(out)["independent"]["cases"]["cross"]["mAP"]
     assert rec["costs"]["transform_embeddings_per_s"] > 0

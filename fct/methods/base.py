@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fct.errors import FCTError
+from fct.record import METHOD
 from fct.registry import Registry, did_you_mean
 
 if TYPE_CHECKING:
@@ -155,6 +156,16 @@ class Method:
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # display name in tables (defaults to the registered name)
     Settings: ClassVar[type[Settings]] = Settings
+    #: Where the method's rows come in reports (the built-ins: 10, 20, ...); None, a plugin's
+    #: default: after those that have one, by registered name. A suite variant follows its base.
+    report_order: ClassVar[int | None] = None
+    #: ``"baseline"`` (fct.record.BASELINE) for the method every other one is measured against
+    #: (Independent: no compatibility, its new model is the reference new/new); else "method".
+    role: ClassVar[str] = METHOD
+    #: Whether the method queries with Independent's new model (True: FCT, FastFill), trains
+    #: its own (False: BCT, RACT, L2-BCT), or does not say (None). Records carry it; the report
+    #: uses it where the records' artifact digests cannot tell.
+    keeps_new_model: ClassVar[bool | None] = None
 
     def __init__(self, settings: Settings | None = None, name: str | None = None) -> None:
         self.settings = settings if settings is not None else type(self).Settings()
@@ -170,8 +181,16 @@ class Method:
         )
 
     def config(self) -> dict[str, Any]:
-        """What configures this method, as stored in its run records."""
-        return {**self.hash_config(), "label": self.display_label}
+        """What configures this method, as stored in its run records (``method_config``): the
+        hashed part, the display label and the class's traits (fct.record.MethodTraits)."""
+        cls = type(self)
+        return {
+            **self.hash_config(),
+            "label": self.display_label,
+            "report_order": cls.report_order,
+            "role": cls.role,
+            "keeps_new_model": cls.keeps_new_model,
+        }
 
     def hash_config(self) -> dict[str, Any]:
         """What a record's hash covers: the run name, the registered method, its settings."""

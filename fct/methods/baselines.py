@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fct.errors import FCTError
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.methods.old_batch import check_equal_dims
+from fct.record import BASELINE
 from fct.session import Role
 
 if TYPE_CHECKING:
@@ -24,6 +25,9 @@ class Independent(Method):
     """No compatibility: the new model is trained alone; the gallery keeps old embeddings."""
 
     label = "Independent"
+    report_order = 10
+    role = BASELINE
+    keeps_new_model = True
 
     def check(self, scenario: Scenario) -> None:
         """The cross case puts new queries against the untouched old gallery: equal sizes."""
@@ -126,6 +130,8 @@ class BCT(Method):
     its queries search the untouched old gallery."""
 
     label = "BCT"
+    report_order = 20
+    keeps_new_model = False
     Settings = BCTSettings
 
     def check(self, scenario: Scenario) -> None:
@@ -155,6 +161,8 @@ class FCT(Method):
     """Forward compatible training without side-information: h(old) replaces the gallery."""
 
     label = "FCT"
+    report_order = 30
+    keeps_new_model = True
     use_side = False
 
     def check(self, scenario: Scenario) -> None:
@@ -179,4 +187,5 @@ class FCTSide(FCT):
     """FCT with side-information: h(old, ψ) replaces the gallery, ψ from SimCLR."""
 
     label = "FCT + side-info"
+    report_order = 40
     use_side = True

@@ -141,6 +141,8 @@ class FastFill(Method):
     The gallery is h(old), as FCT's; backfilling re-encodes the most uncertain items first."""
 
     label = "FastFill"
+    report_order = 50
+    keeps_new_model = True
     use_side = False
     Settings = FastFillSettings
 
@@ -236,4 +238,5 @@ class FastFillSide(FastFill):
     """FastFill with side-information: h(old, ψ) with the uncertainty head."""
 
     label = "FastFill + side-info"
+    report_order = 60
     use_side = True

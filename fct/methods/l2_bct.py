@@ -64,6 +64,8 @@ class L2BCT(Method):
     The gallery keeps the old embeddings."""
 
     label = "L2-BCT"
+    report_order = 80
+    keeps_new_model = False
     Settings = L2BCTSettings
 
     def check(self, scenario: Scenario) -> None:

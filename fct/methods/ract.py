@@ -129,6 +129,8 @@ class RACT(Method):
     at random and, RACT's own order, most uncertain old embedding first."""
 
     label = "RACT"
+    report_order = 70
+    keeps_new_model = False
     Settings = RACTSettings
 
     def check(self, scenario: Scenario) -> None:

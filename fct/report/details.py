@@ -12,8 +12,9 @@ from collections import Counter
 from datetime import UTC
 from typing import Any
 
+from fct.record import NUMBER_MAX, parse_date
 from fct.report.metric_table import DASH
-from fct.report.records import NUMBER_MAX, method_settings, parse_date
+from fct.report.records import method_settings
 from fct.report.render import Table
 from fct.report.summary import Summary
 

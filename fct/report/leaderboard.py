@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fct.io import write_text
+from fct.record import BASELINE
 from fct.report.metric_table import DASH, METRICS, auc_metric, csv_value
 from fct.report.render import Table, csv_cell, md_escape, md_line, to_markdown
 from fct.report.reproduction import TITLE as REPRODUCTION
@@ -216,7 +217,7 @@ def reference_table(summary: Summary) -> Table:
             for k in ("top1", "mAP"):
                 stat = cell.stats[f"{case}_{k}"] if cell else None
                 line.append(METRICS[f"{case}_{k}"].format(stat.mean, stat.std) if stat else DASH)
-        if new is not None and new.base != "independent":
+        if new is not None and new.traits.role != BASELINE:
             line[0] += f" (new/new from {new.label})"
         body.append(line)
     return Table(header, body, ["l", "r", "r", "r", "r"])

@@ -5,8 +5,9 @@ the leaderboard's column names, the paper tables' headers and the plots' axis la
 limits all come from here, so a metric is described once.
 
 A metric is read from one run record by ``extract(record, reference)``. ``reference`` is the
-``cases`` dict of the Independent run of the same scenario (same seed when there is one): it
-is what a new/new change is measured against, and ``None`` when Independent was not run.
+``cases`` dict of the scenario's baseline run (Independent: ``method_config.role`` is
+"baseline"), of the same seed when there is one: it is what a new/new change is measured
+against, and ``None`` when no baseline was run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fct.report.records import method_base
+from fct.record import BASELINE, method_traits
 
 Record = dict[str, Any]
 Extract = Callable[[Record, "dict[str, Any] | None"], "float | None"]
@@ -139,8 +140,8 @@ def _gain(key: str) -> Extract:
 
 def _new_new_change(key: str) -> Extract:
     def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
-        if method_base(rec) == "independent":
-            return 0.0  # by definition: Independent is the baseline new model
+        if method_traits(rec).role == BASELINE:
+            return 0.0  # by definition: the baseline's (Independent's) is the reference new model
         if ref is None:
             return None
         return float(rec["cases"]["new/new"][key]) - float(ref["new/new"][key])

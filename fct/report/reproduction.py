@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fct.errors import FCTError
+from fct.record import parse_date
 from fct.report.metric_table import DASH
-from fct.report.records import is_smoke, load_records, parse_date, record_files
+from fct.report.records import is_smoke, load_records, record_files
 from fct.report.render import Table, md_escape, md_line, to_markdown
-from fct.report.summary import Summary, method_sort_key
+from fct.report.summary import Summary
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def compare(summary: Summary, reference: Path, ref_records: list[dict[str, Any]]
     result.only_reference = len(ref.keys() - run.keys())
     both = sorted(
         run.keys() & ref.keys(),
-        key=lambda k: (k[0], method_sort_key(k[1], summary.base(k[1])), k[2]),
+        key=lambda k: (k[0], summary.sort_key(k[1]), k[2]),
     )
     for key in both:
         mine, theirs = run[key], ref[key]

@@ -13,48 +13,24 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fct.report.metric_table import METRICS, Metric, auc_metric, auc_top1_metric
-from fct.report.records import (
+from fct.record import (
+    BASELINE,
     CASE_METRICS,
     CASES,
-    is_smoke,
+    MethodTraits,
+    label_of_older_record,
     method_base,
+    method_traits,
     parse_date,
-    record_label,
 )
+from fct.report.metric_table import METRICS, Metric, auc_metric, auc_top1_metric
+from fct.report.records import is_smoke, record_label
 
 if TYPE_CHECKING:
     from fct.report.reproduction import Reproduction
 
 log = logging.getLogger(__name__)
 
-#: Display order of the built-in methods (by registered name, ``method_config.base``); a
-#: suite's variants follow their base, plugins come last, by name.
-METHOD_ORDER = (
-    "independent",
-    "bct",
-    "fct",
-    "fct_side",
-    "fastfill",
-    "fastfill_side",
-    "ract",
-    "l2_bct",
-)
-DEFAULT_LABELS = {
-    "independent": "Independent",
-    "bct": "BCT",
-    "fct": "FCT",
-    "fct_side": "FCT + side-info",
-    "fastfill": "FastFill",
-    "fastfill_side": "FastFill + side-info",
-    "ract": "RACT",
-    "l2_bct": "L2-BCT",
-}
-#: Registered methods that leave the new model as Independent trains it, so their new/new is
-#: its new/new (used when the records' artifact digests cannot tell).
-UNCHANGED_NEW_MODEL = ("independent", "fct", "fct_side", "fastfill", "fastfill_side")
-#: Registered methods that train a new model of their own (a compatibility loss on it).
-OWN_NEW_MODEL = ("bct", "ract", "l2_bct")
 #: How every report of ``fct run --smoke`` records is titled and marked.
 SMOKE_TITLE = "SMOKE RUN (wiring test, not results)"
 #: What a verdict whose margin is within one standard deviation says (CSV and notes).
@@ -93,6 +69,8 @@ class Cell:
     records: list[dict[str, Any]]
     stats: dict[str, Stat] = field(default_factory=dict)
     base: str = ""
+    #: What the records say about the method (fct.record.method_traits).
+    traits: MethodTraits = field(default_factory=MethodTraits)
 
     @property
     def seeds(self) -> list[int]:
@@ -150,6 +128,8 @@ class Summary:
     cells: dict[tuple[str, str], Cell]
     auc_orders: list[str]
     bases: dict[str, str] = field(default_factory=dict)
+    #: Per method, what its records say about it (order in reports, role, new model).
+    traits: dict[str, MethodTraits] = field(default_factory=dict)
     #: The reproduction check against reference records, when the report was given some.
     reproduction: Reproduction | None = None
 
@@ -179,46 +159,53 @@ class Summary:
         """The registered method ``method`` ran (itself unless it is a suite variant)."""
         return self.bases.get(method, method)
 
-    def independent(self, scenario: str) -> str | None:
-        """The run that is Independent on ``scenario``: ``independent``, else a variant of it."""
-        # Display order puts ``independent`` itself before its variants.
-        return next((m for m in self.methods_in(scenario) if self.base(m) == "independent"), None)
+    def traits_of(self, method: str) -> MethodTraits:
+        """What the records of ``method`` say about it (the first record decides)."""
+        return self.traits.get(method, MethodTraits())
+
+    def sort_key(self, method: str) -> tuple[bool, int, str, bool, str]:
+        """Where ``method`` comes in the reports (``method_sort_key``)."""
+        return method_sort_key(method, self.base(method), self.traits_of(method).report_order)
+
+    def baseline(self, scenario: str) -> str | None:
+        """The baseline run on ``scenario`` (Independent, or a variant of it): the first in
+        display order whose records have the role ``baseline``."""
+        return next(
+            (m for m in self.methods_in(scenario) if self.traits_of(m).role == BASELINE), None
+        )
 
     def shares_new_model(self, scenario: str, method: str) -> bool | None:
-        """Whether ``method`` queries with Independent's new model on ``scenario``.
+        """Whether ``method`` queries with the baseline's (Independent's) new model.
 
-        Decided by the records' artifact digests where both carry them: the method used
-        Independent's new model when its record lists every ``models/`` digest of Independent's
-        record of the same seed. Else by the registered method (``method_config.base``): FCT,
-        FastFill and their side-info forms keep it; BCT, RACT and L2-BCT train their own.
-        None for a plugin without artifacts: the caller compares the numbers.
+        The baseline does. Else decided by the records' artifact digests where both carry
+        them: the method used the baseline's new model when its record lists every
+        ``models/`` digest of the baseline's record of the same seed. Else by what the records
+        say (``method_config.keeps_new_model``: FCT and FastFill keep it; BCT, RACT and L2-BCT
+        train their own). None when neither tells (a plugin that does not say): the caller
+        compares the numbers.
         """
-        base = self.base(method)
-        if base == "independent":
+        traits = self.traits_of(method)
+        if traits.role == BASELINE:
             return True
-        ind = self.independent(scenario)
+        ind = self.baseline(scenario)
         if ind is not None and ind != method:
             same = _same_new_model(self.cells[(scenario, ind)], self.cells[(scenario, method)])
             if same is not None:
                 return same
-        if base in UNCHANGED_NEW_MODEL:
-            return True
-        if base in OWN_NEW_MODEL:
-            return False
-        return None
+        return traits.keeps_new_model
 
     def reference(self, scenario: str, case: str) -> Cell | None:
         """The cell whose ``case`` row is the scenario's reference old/old or new/new.
 
         old/old is the same old model for every method: Independent's, else the first run.
-        new/new is Independent's, else that of a method that uses Independent's new model.
+        new/new is the baseline's, else that of a method that uses the baseline's new model.
         """
         candidates = (
             self.methods_in(scenario)
             if case == "old/old"
             else [m for m in self.methods_in(scenario) if self.shares_new_model(scenario, m)]
         )
-        ind = self.independent(scenario)
+        ind = self.baseline(scenario)
         if ind in candidates:
             return self.cells[(scenario, ind)]
         return self.cells[(scenario, candidates[0])] if candidates else None
@@ -240,12 +227,14 @@ class Summary:
         )
 
 
-def method_sort_key(method: str, base: str | None = None) -> tuple[int, str, bool, str]:
-    """Built-in methods in METHOD_ORDER by their registered ``base``, each followed by its
-    suite variants (by name); then plugins by base name, again with their variants after."""
+def method_sort_key(
+    method: str, base: str | None = None, order: int | None = None
+) -> tuple[bool, int, str, bool, str]:
+    """Methods by their records' ``report_order`` (the built-ins declare one), each registered
+    method followed by its suite variants (by name); then those without an order (plugins) by
+    registered name, again with their variants after."""
     base = base or method
-    group = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
-    return (group, "" if base in METHOD_ORDER else base, method != base, method)
+    return (order is None, 0 if order is None else order, base, method != base, method)
 
 
 def _same_new_model(ind: Cell, cell: Cell) -> bool | None:
@@ -277,10 +266,10 @@ def _reference_cases(
     by_key: dict[tuple[str, str], list[dict[str, Any]]],
     scenario: str,
     seed: int,
-    independent: str | None,
+    baseline: str | None,
 ) -> dict[str, Any] | None:
-    """Independent's cases for this scenario: same seed, else the mean over its seeds."""
-    runs = by_key.get((scenario, independent)) if independent else None
+    """The baseline's cases for this scenario: same seed, else the mean over its seeds."""
+    runs = by_key.get((scenario, baseline)) if baseline else None
     if not runs:
         return None
     for rec in runs:
@@ -309,27 +298,27 @@ def summarize(records: list[dict[str, Any]], suite: str) -> Summary:
 
     scenarios = sorted({s for s, _ in by_key})
     bases: dict[str, str] = {}
+    traits: dict[str, MethodTraits] = {}
     labels: dict[str, str] = {}
     for (_, m), runs in sorted(by_key.items()):
         # The first record (by scenario, then seed) that names a base or a label decides.
         bases.setdefault(m, method_base(runs[0]))
+        traits.setdefault(m, method_traits(runs[0]))
         label = record_label(runs[0])
         if label is not None:
             labels.setdefault(m, label)
-    methods = sorted(bases, key=lambda m: method_sort_key(m, bases[m]))
+    methods = sorted(bases, key=lambda m: method_sort_key(m, bases[m], traits[m].report_order))
     for m in methods:
-        labels.setdefault(m, DEFAULT_LABELS.get(m, m))
-    # Per scenario, the run every new/new cost is measured against: Independent (or a variant
-    # of it when only that ran).
-    independent = {
-        s: next((m for m in methods if bases[m] == "independent" and (s, m) in by_key), None)
+        labels.setdefault(m, label_of_older_record(m))
+    # Per scenario, the run every new/new cost is measured against: the baseline, Independent
+    # (or a variant of it when only that ran).
+    baseline = {
+        s: next((m for m in methods if traits[m].role == BASELINE and (s, m) in by_key), None)
         for s in scenarios
     }
     configs: dict[str, dict[str, Any]] = {}
     for s in scenarios:
-        first = by_key.get((s, independent[s])) or next(
-            v for (s2, _), v in by_key.items() if s2 == s
-        )
+        first = by_key.get((s, baseline[s])) or next(v for (s2, _), v in by_key.items() if s2 == s)
         configs[s] = first[0]["scenario_config"]
 
     auc_orders = sorted({o for r in records for o in (r.get("auc") or {})})
@@ -338,15 +327,15 @@ def summarize(records: list[dict[str, Any]], suite: str) -> Summary:
     for (s, m), runs in by_key.items():
         per_metric: dict[str, list[float | None]] = {mt.key: [] for mt in metrics}
         for rec in runs:
-            ref = _reference_cases(by_key, s, rec["seed"], independent[s])
+            ref = _reference_cases(by_key, s, rec["seed"], baseline[s])
             for mt in metrics:
                 per_metric[mt.key].append(mt.extract(rec, ref))
         stats = {k: Stat.of(v) for k, v in per_metric.items()}
-        cells[(s, m)] = Cell(s, m, labels[m], runs, stats, bases[m])
+        cells[(s, m)] = Cell(s, m, labels[m], runs, stats, bases[m], traits[m])
 
     _warn_old_old_mismatch(cells, scenarios)
     return Summary(
-        suite, list(records), scenarios, methods, labels, configs, cells, auc_orders, bases
+        suite, list(records), scenarios, methods, labels, configs, cells, auc_orders, bases, traits
     )
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from fct.io import write_text
+from fct.record import CASES
 from fct.report import published
 from fct.report.details import methods_table, training_table, transformation_line
 from fct.report.metric_table import DASH, METRICS, auc_metric, auc_top1_metric
-from fct.report.records import CASES, method_settings
+from fct.report.records import method_settings
 from fct.report.render import Table, md_escape, md_line, to_latex, to_markdown
 from fct.report.summary import SMOKE_TITLE, Cell, Summary, slug
 
@@ -127,8 +128,8 @@ def _who(cell: Cell, config: dict[str, Any]) -> tuple[str, bool] | None:
 
 def _own_new_model(summary: Summary, cell: Cell, ref: Cell | None) -> bool:
     """True when the method's new model is not the reference one: by the records' artifact
-    digests or the registered method (Summary.shares_new_model); for a plugin that neither
-    tells, when its new/new differs from the reference's."""
+    digests or what they declare (Summary.shares_new_model); for a plugin that neither tells,
+    when its new/new differs from the reference's."""
     shares = summary.shares_new_model(cell.scenario, cell.method)
     if shares is not None:
         return not shares
