@@ -21,7 +21,6 @@ most of the gallery are sorted whole). Rows are split over threads.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -197,6 +196,25 @@ def _negative_ties_before(
     return out
 
 
+def average_precision(pos_le: torch.Tensor, le: torch.Tensor, n_pos: torch.Tensor) -> torch.Tensor:
+    """Full-ranking AP per query row, with tie groups as scikit-learn's: the mean over a row's
+    positives (ascending distance, the first ``n_pos`` columns) of the precision at each
+    positive's threshold, ``pos_le / le`` (positives / items at a distance ``<=`` its own).
+
+    ``pos_le``, ``le``: int64 [B, R]; ``n_pos``: int64 [B]. One expression for every caller
+    (block_metrics, the backfilling curves), so equal counts give bit-identical APs.
+    """
+    valid = torch.arange(le.shape[1])[None, :] < n_pos[:, None]
+    terms = torch.where(valid, pos_le.double() / le.clamp_min(1).double(), 0.0)
+    return ap_from_terms(terms, n_pos)
+
+
+def ap_from_terms(terms: torch.Tensor, n_pos: torch.Tensor) -> torch.Tensor:
+    """AP per row from its precision terms (float64 [B, R], 0 past the row's ``n_pos``): their
+    sum, in this layout (a float sum's rounding depends on it), over ``n_pos``."""
+    return terms.sum(1) / n_pos.clamp_min(1).double()
+
+
 @dataclass
 class BlockResult:
     """Per-query results of one block: -1 rank / NaN AP marks a skipped query."""
@@ -220,7 +238,8 @@ def block_metrics(
     ``self_index[i]`` is the original gallery index to exclude for query i (or -1); the
     tensor is modified in place (excluded entries set to +inf).
     """
-    threads = threads or min(4, os.cpu_count() or 1)
+    # Default: torch's thread count, which fct.threads sets from the cores others leave free.
+    threads = threads or max(1, min(4, torch.get_num_threads()))
     b, n = dist.shape
     query_labels = np.asarray(query_labels, dtype=np.int64)
     rows = torch.arange(b)
@@ -276,8 +295,7 @@ def block_metrics(
         )
 
     denom = npos_t.clamp_min(1).double()
-    # Full-ranking AP with tie groups (scikit-learn): precision at each positive's threshold.
-    ap = torch.where(valid, pos_le.double() / le.clamp_min(1).double(), 0.0).sum(1) / denom
+    ap = average_precision(pos_le, le, npos_t)
     # AP@R: only positives ranked within the first R count, precision = (k+1)/rank.
     within = valid & (rank <= npos_t[:, None])
     ap_r = (((offs[None, :] + 1).double() / rank.double()) * within.double()).sum(1) / denom
