@@ -14,6 +14,10 @@ cross case and the last one the new/new case, exactly.
 Orders: ``random`` for every method (seeded by the run seed only, so every method of a run
 backfills the same items in the same order), plus the method's own when its Deployment has a
 ``backfill_order`` (FastFill: decreasing uncertainty).
+
+Every point of every order comes from one pass over the queries (``fast_curve_points``, about
+3-4 evaluations' time per curve: docs/speed.md), equal to the last bit to evaluating each point
+(``curve_points``, the reference, still used where the one pass cannot promise that).
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ def curve_points(
 # model's, D_n, and the method's updated one, D_u) once; per query row, one sort of all 2n item
 # distances together with the query's positives' 2R distances ("needles"); per order, the
 # items' contributions to the needles' counts as a small [points, needles] grid; per point, the
-# counts of the positives active at that point. See docs/throughput.md ("Backfilling curves").
+# counts of the positives active at that point. See docs/speed.md.
 
 #: Distance bits of unused needle slots: a NaN pattern, above every distance (+inf included).
 _PAD_BITS = 0x7FFFFFFE
@@ -164,15 +168,6 @@ def _buckets(order: np.ndarray, counts: np.ndarray) -> np.ndarray:
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
     return np.searchsorted(counts, position, side="right").astype(np.int16)
-
-
-def _item_keys(d: np.ndarray, tags: np.ndarray) -> np.ndarray:
-    """int64 sort keys: the float32 distance's bits (non-negative floats order as their bits;
-    ``& 0x7fffffff`` turns -0.0 into +0.0) above the 32-bit tag."""
-    bits = (d.view(np.int32) & 0x7FFFFFFF).astype(np.int64)
-    bits <<= 32
-    bits |= tags
-    return bits
 
 
 @functools.lru_cache(maxsize=8)
@@ -269,7 +264,8 @@ class _Rows:
         keys.sort(axis=1)
         # Items keep their tag (kept or dropped); needles get nb.
         low = keys.view(np.uint32)[:, 0::2] if sys.byteorder == "little" else keys & 0xFFFFFFFF
-        tag = np.minimum(low, nb).astype(np.intp)
+        tag = np.empty(low.shape, dtype=np.intp)
+        np.minimum(low, nb, out=tag)
         self.tag = tag
         is_needle = tag == nb
         # Needles ascending per row (their keys: distance and slot/track).
@@ -280,9 +276,8 @@ class _Rows:
         real = (nkeys >> 32) != _PAD_BITS
         g = perm[np.minimum(start[:, None] + (ntag >> 1), n - 1)]
         self.needle_g = np.where(real, g, -1)  # padding: see _needle_buckets
-        # Rows where two positives' distances tie (float32 collisions are not rare): only there
-        # can active needles tie (see points).
-        # The members of each run of equal distances, grouped by run.
+        # Runs of needles at equal distances (float32 collisions are not rare): only there can
+        # active needles tie (see points). Their members, grouped by run.
         bits = nkeys >> 32
         eq = (bits[:, 1:] == bits[:, :-1]) & real[:, 1:]  # needle t + 1 equals needle t
         member = np.zeros((b, t_max), dtype=bool)
@@ -293,8 +288,10 @@ class _Rows:
         self.tie_runs = np.flatnonzero(run_start)  # index of each run's first member
         # Per entry, the needles before it: an item counts for those at or after that index.
         before = torch.from_numpy(is_needle).to(torch.float32).cumsum_(1).numpy()
-        self.index = before.astype(np.int64)
-        self.index += (rows * (p1 * t1))[:, None]
+        self.index = np.empty(before.shape, dtype=np.int64)  # + the row's grid offset
+        np.add(
+            before, (rows * (p1 * t1)).astype(np.float64)[:, None], out=self.index, casting="unsafe"
+        )
         self.weight = torch.from_numpy(_signed_weights(nb)[tag].reshape(-1))
         # Per needle, the updated-gallery items before it: its count at point 0, when they all
         # count. Items before needle t: its position - t; new minus updated ones: the running
