@@ -11,8 +11,9 @@ and each thread setting, a fresh worker process measures:
 - **metrics**: the speed-up of fct.retrieval.evaluate over the per-query scikit-learn loop
   (bench/test_bench_metrics.py's reference, 10,000 x 128-d leave-one-out).
 
-Thread settings: ``fct`` (what `fct run` does: OpenMP waits sleep, one thread per core that
-others leave free, fct.threads) and ``torch default`` (spinning waits, one thread per core).
+Thread settings: ``fct`` (what `fct run` does: OpenMP waits sleep, one thread per usable core,
+fct.threads), ``fct, FCT_THREADS=auto`` (sleeping waits, one thread per core other processes
+leave free) and ``torch default`` (spinning waits, one thread per core).
 Writes busy.json and busy.md. Timings, not assertions: the figures are reported in
 docs/throughput.md and the README.
 """
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOADS = (0, 1, 2)
 SETTINGS = {
     "fct": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "fct, FCT_THREADS=auto": {"OMP_WAIT_POLICY": "PASSIVE", "FCT_THREADS": "auto"},
     "torch default": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
 
@@ -120,7 +122,7 @@ def _measure(kind: str, setting: str, seconds: float) -> dict:
         env.pop(var, None)
     env.update(SETTINGS[setting], TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--worker", kind, "--seconds", str(seconds)]
-    if setting == "fct":
+    if setting.startswith("fct"):
         cmd.append("--policy")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])

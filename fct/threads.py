@@ -1,16 +1,19 @@
-"""How many CPU threads fct uses: the cores this process may run on, minus what others use.
+"""How many CPU threads fct uses, and how they wait.
 
-torch starts one intra-op thread per core. On a machine shared with other work that
-oversubscribes the cores: every parallel region waits for its slowest thread, and a thread
-that lost its core to another process stalls the whole step (measured on a 2-core machine:
-an epoch 3.6x slower beside one busy process, 50x slower beside two, while one thread would
-have lost at most half). So fct asks for as many threads as there are cores *nobody else is
-using*, measured over a short sample of /proc/stat (the machine's busy time minus this
-process's own), and asks again at every epoch, so a job that starts or stops beside a long
-training run is followed. The metric thread pools follow torch's thread count.
+torch starts one intra-op thread per core, and its OpenMP threads spin while they wait for
+work. On a machine shared with other work the spinning is what hurts: a waiting thread holds
+a core another process (or our own working thread) needs, and a training step of the
+quickstart ran 10-50x slower beside one or two busy processes. fct therefore makes OpenMP
+waits sleep (``OMP_WAIT_POLICY=PASSIVE``, set by fct.cli before torch loads; measured in
+docs/speed.md) and keeps **one thread per core this process may use** (its CPU affinity,
+capped by a cgroup CPU quota), the same on a quiet and on a busy machine: the thread count
+changes a model's numerics in its last bits, so a fixed count keeps a run reproducible
+whatever else the machine does.
 
-An explicit choice always wins: ``FCT_THREADS=N``, or ``OMP_NUM_THREADS`` set in the
-environment, fixes the count and nothing adapts.
+``FCT_THREADS=N`` (or ``OMP_NUM_THREADS=N``) fixes another count. ``FCT_THREADS=auto`` instead
+follows the machine's load: one thread per core other processes leave free, measured over a
+short sample of /proc/stat (the machine's busy time minus this process's own) at the start and
+before every epoch; faster beside heavy jobs, but the numbers then depend on the load.
 """
 
 from __future__ import annotations
@@ -97,23 +100,28 @@ def others_busy(sample_s: float = SAMPLE_S) -> float | None:
 def decide(cores: int, others: float | None, env: dict[str, str]) -> Choice:
     """The thread count for ``cores`` usable cores when others use ``others`` cores' worth.
 
-    ``FCT_THREADS`` (then ``OMP_NUM_THREADS``) in ``env`` fixes it; else one thread per core
-    that others leave free, at least one.
+    ``FCT_THREADS=N`` (then ``OMP_NUM_THREADS=N``) in ``env`` fixes it; ``FCT_THREADS=auto``
+    takes one thread per core that others leave free (at least one); by default every core.
     """
+    mode = env.get("FCT_THREADS", "").strip().lower()
     for var in ("FCT_THREADS", "OMP_NUM_THREADS"):
         value = env.get(var, "").strip()
-        if value:
+        if value and value.lower() != "auto":
             try:
                 n = int(value)
             except ValueError:
                 n = 0
             if n >= 1:
-                return Choice(n, cores, others, f"{var}={n}")
+                return Choice(n, cores, None, f"{var}={n}")
+    if mode != "auto":
+        return Choice(cores, cores, None, "one per usable core; FCT_THREADS=auto follows the load")
     if others is None:
         return Choice(cores, cores, None, "load unknown: one thread per core")
     taken = int(others + (1 - TAKEN))  # a core counts once others use more than TAKEN of it
     threads = max(1, cores - taken)
-    return Choice(threads, cores, others, f"others use {others:.1f} of {cores} cores")
+    return Choice(
+        threads, cores, others, f"FCT_THREADS=auto: others use {others:.1f} of {cores} cores"
+    )
 
 
 _last: Choice | None = None
@@ -134,8 +142,8 @@ def configure_threads(sample_s: float = SAMPLE_S, quiet: bool = False) -> Choice
     global _last
     import torch
 
-    fixed = any(os.environ.get(v, "").strip() for v in ("FCT_THREADS", "OMP_NUM_THREADS"))
-    others = None if fixed else others_busy(sample_s)
+    auto = os.environ.get("FCT_THREADS", "").strip().lower() == "auto"
+    others = others_busy(sample_s) if auto else None
     choice = decide(available_cores(), others, dict(os.environ))
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
@@ -147,8 +155,8 @@ def configure_threads(sample_s: float = SAMPLE_S, quiet: bool = False) -> Choice
 
 
 def adapt_threads() -> Choice | None:
-    """Between epochs: follow the machine's load, unless the count is fixed by the
-    environment or configure_threads was never called (a library user's own setting)."""
+    """Between epochs, under ``FCT_THREADS=auto`` only: follow the machine's load (nothing
+    when configure_threads was never called: a library user's own setting stands)."""
     if _last is None or _last.others_busy is None:
         return None
     return configure_threads()

@@ -1,4 +1,5 @@
-"""fct.threads: one thread per core that other processes leave free; the environment wins."""
+"""fct.threads: one thread per usable core (or, with FCT_THREADS=auto, per core other processes
+leave free); the environment wins."""
 
 from __future__ import annotations
 
@@ -23,13 +24,20 @@ from fct.threads import TAKEN, available_cores, decide, others_busy
         (1, 0.0, 1),
     ],
 )
-def test_one_thread_per_free_core(cores, others, want):
-    assert decide(cores, others, {}).threads == want
+def test_auto_takes_one_thread_per_free_core(cores, others, want):
+    assert decide(cores, others, {"FCT_THREADS": "auto"}).threads == want
+
+
+@pytest.mark.parametrize("others", [0.0, 1.0, 5.0, None])
+def test_by_default_every_core_whatever_the_load(others):
+    """Reproducible numerics: the count never depends on what else runs."""
+    assert decide(4, others, {}).threads == 4
 
 
 def test_a_core_counts_as_taken_above_the_threshold():
-    assert decide(4, TAKEN - 0.01, {}).threads == 4
-    assert decide(4, TAKEN + 0.01, {}).threads == 3
+    auto = {"FCT_THREADS": "auto"}
+    assert decide(4, TAKEN - 0.01, auto).threads == 4
+    assert decide(4, TAKEN + 0.01, auto).threads == 3
 
 
 def test_the_environment_wins_and_nothing_adapts():
@@ -37,7 +45,7 @@ def test_the_environment_wins_and_nothing_adapts():
     assert decide(16, 9.0, {"OMP_NUM_THREADS": "5"}).threads == 5
     assert decide(16, 0.0, {"FCT_THREADS": "2", "OMP_NUM_THREADS": "7"}).threads == 2
     assert decide(4, 0.0, {"FCT_THREADS": "junk"}).threads == 4  # ignored, not a crash
-    assert decide(4, None, {}).threads == 4  # load unknown: every core
+    assert decide(4, None, {"FCT_THREADS": "auto"}).threads == 4  # load unknown: every core
 
 
 def test_available_cores_is_the_affinity():
