@@ -51,9 +51,7 @@ def test_cli_output_equals_the_library(files, capsys, distance, backend, gallery
     capsys.readouterr()
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
-    want = evaluate(
-        q, g if gallery else None, paired=paired, distance=distance, backend=backend
-    )
+    want = evaluate(q, g if gallery else None, paired=paired, distance=distance, backend=backend)
     assert got == pytest.approx(want, abs=1e-9)
     assert got["distance"] == distance and got["backend"] == backend
 
