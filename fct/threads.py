@@ -148,7 +148,7 @@ def configure_threads(sample_s: float = SAMPLE_S, quiet: bool = False) -> Choice
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     if not quiet and (_last is None or _last.threads != choice.threads):
-        log.info("CPU threads: %d (%s)", choice.threads, choice.reason)
+        log.debug("CPU threads: %d (%s)", choice.threads, choice.reason)
     _last = choice
     _used.add(choice.threads)
     return choice
