@@ -173,10 +173,10 @@ def test_example_plugin_runs(tiny_run, capsys):
         "base": "linear_map",
         "label": "Linear map",
         "settings": {"ridge": 1e-3},
-        # a plugin's default traits: after the built-ins, not the baseline, does not say
+        # a plugin's traits: after the built-ins, not the baseline; it declares keeps_new_model
         "report_order": None,
         "role": "method",
-        "keeps_new_model": None,
+        "keeps_new_model": True,
     }
     assert rec["cases"]["cross"]["mAP"] > records(out)["independent"]["cases"]["cross"]["mAP"]
     assert rec["costs"]["transform_embeddings_per_s"] > 0
