@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,17 +247,56 @@ def read_data_file(path: str | os.PathLike[str], max_bytes: int, fix: str) -> by
     return read_regular_bytes(path, max_bytes, "file", fix, follow_symlinks=True)
 
 
+#: Seconds a stalled download connection may stay silent before it gives up.
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def short_error(error: BaseException, limit: int = 240) -> str:
+    """An exception as one short line: torchvision's download error spans lines ("Error
+    downloading F:", then "Tried MIRROR, got:" and the cause per mirror); keep the first line
+    and the last cause."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    lines = [line for line in lines if line] or [type(error).__name__]
+    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def torchvision_download(
-    dataset: Callable[..., Any], label: str, root: str | os.PathLike[str] | None, hint: str
+    dataset: Callable[..., Any],
+    label: str,
+    root: str | os.PathLike[str] | None,
+    hint: str,
+    target: Path | None = None,
+    check: Callable[[], str | None] | None = None,
+    fills: Path | None = None,
 ) -> Path:
     """Download a dataset through its torchvision class (train split; torchvision fetches the
-    archive holding both splits) into ``download_dir(root)``; return that folder.
+    archive holding both splits) into ``target`` (default ``download_dir(root)``); return it.
 
-    Any failure (network, disk, a bad archive) is one FCTError naming the folder and ``hint``.
+    A stalled connection gives up after DOWNLOAD_TIMEOUT_S; ``check()`` may name what the
+    download failed to leave. Any failure (network, disk, a bad archive) removes the empty
+    folders the attempt created, down to ``fills`` (the folder torchvision writes into, under
+    ``target``), and is one FCTError line naming the folder, the error and ``hint``.
     """
-    target = download_dir(root)
+    target = target or download_dir(root)
+    leaf = fills or target
+    created = [p for p in (leaf, *leaf.parents) if not p.exists()][::-1]  # outermost first
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         dataset(str(target), train=True, download=True)
-    except Exception as e:  # network and disk errors come in many types
-        raise FCTError(f"downloading {label} into {target} failed ({e}); {hint}") from e
+        problem = check() if check is not None else None
+        if problem:
+            raise RuntimeError(problem)
+    except Exception as e:  # network, disk and archive errors come in many types
+        for folder in reversed(created):  # leave no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise FCTError(
+            f"downloading {label} into {target} failed ({short_error(e)}); {hint}"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(before)
     return target

@@ -11,7 +11,6 @@ import gzip
 import io
 import logging
 import os
-import socket
 import zlib
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fct.data.base import (
     download_dir,
     read_data_file,
     search_bases,
+    torchvision_download,
 )
 from fct.errors import FCTError
 
@@ -55,8 +55,6 @@ AFTER_FAILED_DOWNLOAD = (
 )
 #: Set to 1 (true, yes, on) to turn off the automatic download of a missing Fashion-MNIST.
 NO_DOWNLOAD_ENV = "FCT_NO_DOWNLOAD"
-#: Seconds a stalled connection may stay silent before the download gives up.
-DOWNLOAD_TIMEOUT_S = 30.0
 #: Download folders whose attempt failed in this process: not tried again (one wait only).
 _FAILED: dict[Path, str] = {}
 
@@ -131,16 +129,6 @@ def find_fashion_mnist(root: str | os.PathLike[str] | None = None, download: boo
     )
 
 
-def _short(error: BaseException, limit: int = 240) -> str:
-    """An exception as one short line: torchvision's download error spans lines ("Error
-    downloading F:", then "Tried MIRROR, got:" and the cause per mirror); keep the first line
-    and the last cause."""
-    lines = [" ".join(line.split()) for line in str(error).splitlines()]
-    lines = [line for line in lines if line] or [type(error).__name__]
-    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _download(root: str | os.PathLike[str] | None, looked: list[str], asked: bool) -> Path:
     """Download through torchvision (with its progress bar); its files land in
     TARGET/FashionMNIST/raw. A failure is one FCTError line, remembered for this process so
@@ -153,28 +141,19 @@ def _download(root: str | os.PathLike[str] | None, looked: list[str], asked: boo
         raise FCTError(_FAILED[target])
     how = "--download" if asked else f"not found locally; set {NO_DOWNLOAD_ENV}=1 to skip this"
     log.info("Fashion-MNIST: downloading it with torchvision into %s (%s)", raw, how)
-    created = [p for p in (raw, *raw.parents) if not p.exists()][::-1]  # outermost first
-    before = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled connection fails, not hangs
-    try:
-        torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+
+    def check() -> str | None:
         missing = _missing_files(raw)
-        if missing:
-            raise RuntimeError(f"the download left no {', '.join(missing)} in {raw}")
-    except Exception as e:  # network, disk and archive errors come in many types
-        for folder in reversed(created):  # leave no empty folders behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        message = (
-            f"downloading Fashion-MNIST into {target} failed ({_short(e)}); "
-            f"{AFTER_FAILED_DOWNLOAD}. Not found in: {'; '.join(looked)}"
+        return f"the download left no {', '.join(missing)} in {raw}" if missing else None
+
+    hint = f"{AFTER_FAILED_DOWNLOAD}. Not found in: {'; '.join(looked)}"
+    try:
+        torchvision_download(
+            torchvision.datasets.FashionMNIST, "Fashion-MNIST", root, hint, target, check, raw
         )
-        _FAILED[target] = message
-        raise FCTError(message) from e
-    finally:
-        socket.setdefaulttimeout(before)
+    except FCTError as e:
+        _FAILED[target] = str(e)
+        raise
     _FAILED.pop(target, None)
     return raw
 
