@@ -249,3 +249,12 @@ def test_a_changed_spec_retrains_exactly_what_depends_on_it(tmp_path):
         "test_resnet-synthetic-all-ce-32",
         "test_resnet-synthetic-all-ce-32-bct",
     ], new_new
+
+
+def test_report_without_own_results_points_at_the_reference(tmp_path, monkeypatch, capsys):
+    (tmp_path / "results" / "reference" / "tiny" / "runs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fct run tiny" in err
+    assert "fct report tiny --results results/reference/tiny" in err
