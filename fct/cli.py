@@ -168,7 +168,8 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fct import distributed
     from fct.runner import RunOptions, run_suite
-    from fct.scenarios import load_suite, parse_set, with_global_batch
+    from fct.scenarios import load_suite, parse_set
+    from fct.suite_variants import with_global_batch
 
     overrides = parse_set(args.set or [])
     _check_seed(args.seed, "--seed")
@@ -201,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.global_batch is not None:
         suite = with_global_batch(suite, args.global_batch)
     if args.smoke:
-        from fct.scenarios import smoke_suite
+        from fct.suite_variants import smoke_suite
 
         suite = smoke_suite(suite)
         if not args.out:
