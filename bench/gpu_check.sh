@@ -8,7 +8,7 @@
 #      reference and quickstart sizes   -> DEST/bench_reference.json, DEST/bench_quickstart.json
 #   4. fct run tiny --device cuda       -> DEST/tiny_gpu/ (packed as DEST/tiny_gpu.tgz)
 #   5. torchrun --nproc-per-node 1 -m fct run cifar100 --smoke on a fabricated CIFAR-100 copy
-#      (tests/fabricate.py; the real on-disk format), i.e. the DDP path on one GPU
+#      (tests/helpers/fabricate.py; the real on-disk format), i.e. the DDP path on one GPU
 #                                       -> DEST/smoke_ddp/ (packed as DEST/smoke_ddp.tgz)
 #   6. bench/gpu_scale.py: ResNet50-128 training and embedding images/s at 224 px, and a
 #      50,000-query leave-one-out evaluation on the GPU -> DEST/gpu_scale.json
@@ -123,7 +123,7 @@ cd "$REPO"
 # The DDP path (process group, NCCL, sharded embedding, rank-0 writes) on one GPU, with the
 # real architectures of a paper suite shrunk by --smoke, on fabricated CIFAR-100 files.
 step smoke_ddp "$T_SMOKE" bash -c 'set -e
-  PYTHONPATH="$REPO/tests${PYTHONPATH:+:$PYTHONPATH}" "$0" -c "import sys; from fabricate import fabricate_cifar100; fabricate_cifar100(sys.argv[1], per_class=6, classes=100, test_per_class=4)" "$1"
+  PYTHONPATH="$REPO/tests/helpers${PYTHONPATH:+:$PYTHONPATH}" "$0" -c "import sys; from fabricate import fabricate_cifar100; fabricate_cifar100(sys.argv[1], per_class=6, classes=100, test_per_class=4)" "$1"
   "$0" -m torch.distributed.run --standalone --nproc-per-node=1 -m fct "${@:2}"' \
   "$PY" "$SCRATCH/data" "${SMOKE_ARGS[@]}"
 

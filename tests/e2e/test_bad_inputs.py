@@ -2,9 +2,9 @@
 `error: ...` naming the fix, exit status 2, no traceback, and nothing already computed is lost.
 
 Covered elsewhere, not repeated here: malformed suite TOML and bad suite values
-(tests/test_suites.py: test_toml_syntax_error_names_the_line, test_suite_validation_errors),
+(tests/unit/test_suites.py: test_toml_syntax_error_names_the_line, test_suite_validation_errors),
 an unknown suite and an unknown method, a plugin that fails to import
-(tests/test_runner.py: test_unknown_suite, test_unknown_method_and_plugin_errors).
+(tests/e2e/test_runner.py: test_unknown_suite, test_unknown_method_and_plugin_errors).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def no_fashion_mnist(tmp_path, monkeypatch):
         calls.append((root, train, download))
         if not calls.fetch:
             raise RuntimeError(OFFLINE)
-        from test_data import write_fashion
+        from fabricate import write_fashion
 
         write_fashion(Path(root) / "FashionMNIST" / "raw")  # where torchvision puts them
 
@@ -234,7 +234,7 @@ def test_class_subset_larger_than_the_dataset(tmp_path, capsys):
 
 def test_embedding_sizes_bct_cannot_handle(tmp_path, capsys):
     """A refused (scenario, method) pair is named before anything trains; the other pairs
-    would still run (tests/test_runner.py), so only the refused one is selected here."""
+    would still run (tests/e2e/test_runner.py), so only the refused one is selected here."""
     suite = suite_file(tmp_path, extra="new = { embedding_dim = 64 }\n")
     cache, out = tmp_path / "cache", tmp_path / "o"
     argv = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--methods", "bct"]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from fct.distributed import torchrun_command
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1] / "helpers"
 METRICS = ("top1", "top5", "mAP", "mAP@R")
 
 
@@ -199,7 +199,8 @@ def test_ranks_see_the_single_process_batches_split_and_augmented_alike(augment)
 
 def test_global_batch_scales_the_learning_rate_linearly():
     from fct.errors import FCTError
-    from fct.scenarios import load_suite, with_global_batch
+    from fct.scenarios import load_suite
+    from fct.suite_variants import with_global_batch
 
     suite = load_suite("tiny")
     scaled = with_global_batch(suite, 256)

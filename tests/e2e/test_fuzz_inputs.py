@@ -38,8 +38,8 @@ import torch
 from conftest import fct_command, fct_env, toml_str
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_report import SUITE as REPORT_SUITE
-from test_report import make_record, write_record
+from report_records import SUITE as REPORT_SUITE
+from report_records import make_record, write_record
 
 import fct.distributed
 import fct.runner
@@ -62,7 +62,7 @@ from fct.scenarios import (
 )
 from fct.suite_checks import parse_set
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FUZZ = settings(
     derandomize=True,
     database=None,
@@ -1396,9 +1396,9 @@ def test_malformed_input_is_refused_in_one_line(command, kind, guarded):
 
 def _real_cli(case: Case, box: Path, audit: Path) -> subprocess.Popen:
     """``python -m fct ARGV`` started in ``box`` (laid out already), environment as above;
-    its writes into the repository are logged into ``audit`` (tests/write_audit)."""
+    its writes into the repository are logged into ``audit`` (tests/helpers/write_audit)."""
     env = fct_env(
-        PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "write_audit"), str(ROOT)]),
+        PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "helpers" / "write_audit"), str(ROOT)]),
         FCT_AUDIT_ROOT=str(ROOT),
         FCT_AUDIT_LOG=str(audit),
     )
@@ -1449,7 +1449,7 @@ def test_the_real_cli_answers_as_the_in_process_harness(guarded):
     """Each case through `python -m fct` (all started at once, each in a sandbox of its own)
     and through the harness: both exit 2 with the same one stderr line, and neither writes
     outside its output folders (the subprocess: its sandbox compared before and after, its
-    writes into the repository logged by tests/write_audit). The harness is what the fuzz
+    writes into the repository logged by tests/helpers/write_audit). The harness is what the fuzz
     tests above rely on."""
     with contextlib.ExitStack() as stack:
         started = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fct.scenarios import SUITES_DIR, list_suites, load_suite, suite_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_contains_every_shipped_suite(tmp_path):

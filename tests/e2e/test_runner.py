@@ -10,7 +10,7 @@ import pytest
 from fct.cli import main
 from fct.record import RunRecord
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

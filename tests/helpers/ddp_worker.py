@@ -1,4 +1,4 @@
-"""What tests/test_distributed.py runs under torchrun (and once in a single process).
+"""What tests/e2e/test_distributed.py runs under torchrun (and once in a single process).
 
 Trains a BatchNorm-free embedding model with fct.train.train on a synthetic split (shuffled,
 no augmentation), interrupted after the second epoch and resumed from its checkpoint; then
@@ -7,7 +7,7 @@ builds a cache entry by sharded embedding + all_gather_rows through Cache.get_or
 updates as one process with the same global batch, so the final weights must agree up to
 float rounding. Writes OUT/rank{R}.safetensors with the weights and the gathered embeddings.
 
-Usage: python tests/ddp_worker.py OUT CACHE   (under torchrun or alone)
+Usage: python tests/helpers/ddp_worker.py OUT CACHE   (under torchrun or alone)
 """
 
 from __future__ import annotations

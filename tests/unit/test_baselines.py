@@ -283,7 +283,7 @@ def test_bct_pushes_towards_the_old_space_end_to_end(clean_tiny) -> None:
 def test_a_plugins_settings_are_set_from_the_suite(tmp_path: Path) -> None:
     from fct.methods import load_plugin
 
-    load_plugin(str(Path(__file__).parent.parent / "examples" / "linear_map.py"))
+    load_plugin(str(Path(__file__).resolve().parents[2] / "examples" / "linear_map.py"))
     text = SUITE.replace('methods = ["independent", "bct", "bct_norm"]', 'methods = ["linear_map"]')
     suite = parse_suite(text + "\n[methods.linear_map]\nridge = 0.25\n", "s", tmp_path / "s.toml")
     assert suite.scenarios[0].method("linear_map").settings.ridge == 0.25

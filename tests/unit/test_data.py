@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fabricate import write_fashion, write_idx
 
 import fct.data.base as data_base
 import fct.data.fashion_mnist as fmnist
@@ -47,33 +47,6 @@ def isolated(tmp_path, monkeypatch):
 
 
 # --- Fashion-MNIST --------------------------------------------------------------------------
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
-    header = (0x0800 + array.ndim).to_bytes(4, "big")
-    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as fh:
-            fh.write(raw)
-    else:
-        path.write_bytes(raw)
-
-
-def write_fashion(folder: Path, gz: bool = True, seed: int = 0, n: int = (12, 6)) -> dict:
-    """A tiny Fashion-MNIST folder: ``n`` = (train, test) items; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    ext = ".gz" if gz else ""
-    arrays = {}
-    for split, prefix, count in (("train", "train", n[0]), ("test", "t10k", n[1])):
-        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, count, dtype=np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", labels)
-        arrays[split] = (images, labels)
-    return arrays
 
 
 @pytest.mark.parametrize("gz", [True, False])

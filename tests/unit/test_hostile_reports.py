@@ -1,6 +1,6 @@
 """Hostile inputs to `fct report`: corrupt run records, mixed artifacts, labels made of markup.
 
-Every record here is crafted in a tmp folder with the factory of tests/test_report.py. The report
+Every record here is crafted in a tmp folder with the factory of tests/unit/test_report.py. The report
 must either refuse a bad record with one FCTError line naming it, or show every label as the
 characters it is (no mathtext, no Markdown/HTML, no spreadsheet formula, no LaTeX command), and a
 report that fails half-way must leave the previous one as it was.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import SUITE, base_records, check_latex_structure, make_record, write_record
+from report_records import SUITE, base_records, check_latex_structure, make_record, write_record
 
 from fct.errors import FCTError
 from fct.io import write_json
@@ -35,7 +35,7 @@ from fct.report.reproduction import compare
 from fct.report.summary import summarize
 from fct.report.tables import scenario_markdown, scenario_tables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def report_files(out: Path) -> dict[str, bytes]:

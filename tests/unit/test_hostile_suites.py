@@ -22,7 +22,7 @@ from fct.errors import FCTError
 from fct.runner import record_path
 from fct.scenarios import ARCH_ARGS, NAME_MAX, check_name, load_suite, parse_suite
 
-TINY = Path(__file__).resolve().parent.parent / "fct" / "suites" / "tiny.toml"
+TINY = Path(__file__).resolve().parents[2] / "fct" / "suites" / "tiny.toml"
 
 # Small enough to load in milliseconds: no data is read when a suite is parsed.
 HEAD = '[suite]\nname = "t"\nmethods = ["independent", "bct", "fct", "fct_side"]\n'
@@ -233,7 +233,7 @@ def test_record_path_refuses_a_scenario_folder_linked_out_of_runs(tmp_path):
     with pytest.raises(FCTError, match="outside"):
         record_path(out, "a", "fct", 0)
     # The record file itself may be anything (a link out, a loop): that is damage the runner
-    # moves aside (tests/test_fuzz_inputs.py), not a reason to stop.
+    # moves aside (tests/e2e/test_fuzz_inputs.py), not a reason to stop.
     (out / "runs" / "b").mkdir()
     (out / "runs" / "b" / "fct.json").symlink_to(out / "runs" / "b" / "fct.json")
     (out / "runs" / "b" / "bct.json").symlink_to(elsewhere / "bct.json")
@@ -545,7 +545,7 @@ def test_model_numbers_are_in_range_or_refused(key, value, tmp_path):
 
 
 def test_loss_argument_called_name_is_refused(tmp_path):
-    """Found by tests/test_fuzz_inputs.py: `loss_args = { name = ... }` collided with
+    """Found by tests/e2e/test_fuzz_inputs.py: `loss_args = { name = ... }` collided with
     make_loss's own parameter and raised TypeError instead of naming the argument."""
     text = HEAD + DEFAULTS + SCENARIO + 'old = { loss_args = { name = "x" } }\n'
     refused(text, "loss_args", "unknown argument(s) name", tmp_path=tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import (
+from report_records import (
     SUITE,
     make_record,
     ml_fct_setup,
@@ -20,7 +20,7 @@ from test_report import (
 from fct.report import build_report
 from fct.report import published as pub
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_CSV = ROOT.parent / "shared" / "reference" / "published_results.csv"
 
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_report import make_record
+from report_records import make_record
 
 from fct import record, runner
 from fct.errors import FCTError
@@ -31,7 +31,7 @@ from fct.record import (
 )
 from fct.report import records as report_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Every key the runner writes (fct.runner.run_one), with curves.
 RUNNER_KEYS = {
@@ -153,7 +153,7 @@ def test_the_record_module_is_on_the_ground_floor() -> None:
         for alias in node.names
         if alias.name.startswith("fct")
     }
-    assert imported == {"fct.errors", "fct.io"}
+    assert imported == {"fct.errors", "fct.io", "fct.record_schema"}
 
 
 def test_traits_come_from_the_record_else_from_the_name() -> None:

@@ -10,7 +10,7 @@ import itertools
 from typing import Any
 
 import pytest
-from test_report import SUITE, make_record
+from report_records import SUITE, make_record
 
 from fct.report.plots import bar_figure, cost_figure, curve_figure, zoom_band
 from fct.report.records import SOURCE_KEY, validate_record

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import SUITE, base_records, make_record, read_csv, write_record
+from report_records import SUITE, base_records, make_record, read_csv, write_record
 
 from fct.errors import FCTError
 from fct.io import write_json

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_report import SUITE, base_records, make_record, read_csv, write_record
+from report_records import SUITE, base_records, make_record, read_csv, write_record
 
 from fct.errors import FCTError
 from fct.report import build_report, load_records
 from fct.report.details import value_text
 from fct.report.summary import SMOKE_TITLE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(tmp_path: Path, records: list[dict[str, Any]]) -> Path:

@@ -15,7 +15,8 @@ from fabricate import (
 )
 
 from fct.cli import main
-from fct.scenarios import KINDS, list_suites, load_suite, parse_suite, smoke
+from fct.scenarios import KINDS, list_suites, load_suite, parse_suite
+from fct.suite_variants import smoke
 
 
 def fabricate(suite: str, root: Path) -> None:
@@ -148,7 +149,7 @@ def test_toml_syntax_error_names_the_line(tmp_path, capsys):
 
 
 def test_curves_can_be_switched_off_per_scenario(tmp_path):
-    text = (Path(__file__).resolve().parent.parent / "fct" / "suites" / "tiny.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "fct" / "suites" / "tiny.toml").read_text()
     suite = tmp_path / "nocurves.toml"
     suite.write_text(
         text.replace('name = "tiny"', 'name = "nocurves"') + "eval = { curves = false }\n"

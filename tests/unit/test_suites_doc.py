@@ -57,7 +57,7 @@ from fct.scenarios import (
     parse_set,
 )
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "suites.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "suites.md"
 
 #: Fields of Scenario that are no key of a [[scenario]] entry, and why.
 SCENARIO_INTERNAL = {

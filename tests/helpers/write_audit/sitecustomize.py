@@ -1,6 +1,6 @@
 """Test-only: log every file-system write under $FCT_AUDIT_ROOT, per process.
 
-tests/test_distributed.py puts this folder on PYTHONPATH, so Python imports it at start-up in
+tests/e2e/test_distributed.py puts this folder on PYTHONPATH, so Python imports it at start-up in
 the torchrun launcher and in every rank. Each write-like audit event (open for writing,
 rename/replace, mkdir, remove, rmdir, rmtree) on a path under FCT_AUDIT_ROOT is appended to
 $FCT_AUDIT_LOG/writes.<RANK or launcher>.<pid>.txt (that folder must be outside the root).
