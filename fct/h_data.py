@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fct import distributed
+from fct.seeding import derive_seed
 from fct.session import Role
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def _cached(
 
     def batches(epoch: int) -> Iterator[HBatch]:
         x_old, x_side, x_new, y = view(views[epoch % len(views)])
-        gen = torch.Generator().manual_seed(ctx.seed * 7919 + epoch)
+        gen = torch.Generator().manual_seed(derive_seed("h-batches", ctx.seed, epoch))
         perm = torch.randperm(n, generator=gen)
         for i in range(steps):
             idx = perm[i * bs : (i + 1) * bs][lo : lo + local]

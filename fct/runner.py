@@ -32,6 +32,7 @@ from fct.methods import Deployment
 from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
 from fct.scenarios import Scenario, Suite, config_hash
+from fct.seeding import derive_seed
 from fct.session import Session
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     # A method's own random draws (a module it builds, a sample it takes) start from a stream
     # fixed by (method, seed); the cache never advances it (fct.train.isolated_rng), so a rerun
     # after a crash, which loads what the first run trained, draws exactly the same numbers.
-    torch.manual_seed(
-        int(config_hash({"method": method_name, "seed": opts.seed}), 16) % (2**63 - 1)
-    )
+    torch.manual_seed(derive_seed("method", opts.seed, method_name))
     dep = method.fit(ctx)
     evaluated = evaluate_deployment(ctx, dep)
     if evaluated is None:  # a rank other than 0: its part (training, embedding) is done

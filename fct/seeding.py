@@ -1,7 +1,8 @@
-"""Random streams on the ground floor: forking torch's stream around a block (isolated_rng).
+"""Random streams on the ground floor: every seed fct uses, derived in one place
+(``derive_seed``), and forking torch's stream around a block (``isolated_rng``).
 
-Imports nothing of fct, so the cache (fct.artifacts), the trainer (fct.train) and methods can
-all use it without importing one another.
+Imports only fct.hashing, so the cache (fct.artifacts), the trainer (fct.train), the data
+loaders and the methods can all use it without importing one another.
 """
 
 from __future__ import annotations
@@ -9,7 +10,65 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+
+from fct.hashing import config_hash
+
+_MAX = 2**63 - 1
+
+
+def _from_hash(table: str, seed: int, parts: tuple, modulo: bool) -> int:
+    value = int(
+        config_hash({table: list(parts) if table != "method" else parts[0], "seed": seed}), 16
+    )
+    return value % _MAX if modulo else value
+
+
+#: Every random stream of a run, by name: what it seeds, and the formula of its seed from the
+#: run's seed and the stream's parts. The formulas are those the streams had before they were
+#: gathered here (changing one changes every trained artifact and record that depends on it).
+STREAMS: dict[str, str] = {
+    "init": "a module's initial weights; parts: what the module is (its spec, its sizes)",
+    "fastfill-init": "FastFill's h with its uncertainty head; parts: spec dict, d_old, d_new, d_side",
+    "method": "a method's own draws in fit(); parts: the method's run name",
+    "epoch": "torch's stream during a training epoch (dropout, lazily built parts); parts: epoch",
+    "shuffle": "the order of a loader's items in an epoch; parts: epoch",
+    "augment": "a loader's augmentation draws in an epoch (apart from its order); parts: epoch",
+    "h-batches": "the order of h's cached training embeddings in an epoch; parts: epoch",
+    "curves": "the random backfilling order of the curves; no parts",
+}
+
+
+def derive_seed(stream: str, seed: int, *parts) -> int:
+    """The seed of random stream ``stream`` (a key of ``STREAMS``) for the run's ``seed``.
+
+    One function, so every draw a run makes is traceable to the run's seed and a named part;
+    each stream keeps the formula it was introduced with, so records stay reproducible.
+    """
+    if stream == "init":
+        return _from_hash("init", seed, parts, modulo=False)
+    if stream == "fastfill-init":
+        return _from_hash("fastfill", seed, parts, modulo=False)
+    if stream == "method":
+        return _from_hash("method", seed, parts, modulo=True)
+    if stream == "epoch":
+        (epoch,) = parts
+        return (seed * 1_000_003 + epoch * 7919) % _MAX
+    if stream == "shuffle":
+        (epoch,) = parts
+        return seed + epoch
+    if stream == "augment":
+        (epoch,) = parts
+        return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1, np.uint64)[0] >> 1)
+    if stream == "h-batches":
+        (epoch,) = parts
+        return seed * 7919 + epoch
+    if stream == "curves":
+        if parts:
+            raise TypeError("the curves stream takes no parts")
+        return seed
+    raise KeyError(f"unknown random stream {stream!r}; known: {', '.join(STREAMS)}")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torch import nn
 
 from fct import distributed
 from fct.errors import FCTError
-from fct.hashing import config_hash
+from fct.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fct.artifacts import Cache, Entry
@@ -171,7 +171,7 @@ class Session:
         by then, gives it the same initial weights whichever artifacts this process trained or
         loaded before it (an interrupted and resumed run, a ``--methods`` subset).
         """
-        return int(config_hash({"init": list(what), "seed": self.seed}), 16)
+        return derive_seed("init", self.seed, *what)
 
     def entry(self, kind: str, name: str, key: dict) -> Entry:
         """The cache entry of an artifact (fct.artifacts.Cache.entry)."""

@@ -33,7 +33,7 @@ from torch import nn
 from fct import distributed
 from fct.errors import FCTError
 from fct.io import atomic_dir, sha256_file, write_safetensors
-from fct.seeding import isolated_rng  # noqa: F401  (re-exported: fct.train.isolated_rng)
+from fct.seeding import derive_seed, isolated_rng  # noqa: F401  (isolated_rng: re-exported)
 from fct.threads import adapt_threads
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The torch seed used for ``epoch`` (dropout, init of lazily built parts, ...)."""
-    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+    return derive_seed("epoch", seed, epoch)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from fct.data.augment import RankDraws, simclr_views, supervised_augment
 from fct.data.base import ImageSource
 from fct.errors import FCTError
 from fct.registry import did_you_mean
+from fct.seeding import derive_seed
 
 AUGMENTS = ("supervised", "simclr")
 
@@ -30,7 +30,7 @@ Batch = tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _augment_seed(seed: int, epoch: int) -> int:
     """A seed for augmentation independent of the shuffling stream (which uses seed + epoch)."""
-    return int(np.random.SeedSequence([seed, epoch, 1]).generate_state(1, np.uint64)[0] >> 1)
+    return derive_seed("augment", seed, epoch)
 
 
 class BatchLoader:
@@ -124,7 +124,7 @@ class TensorBatchLoader(BatchLoader):
                 yield self._images[start:end], self._labels[start:end]
             return
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            gen = torch.Generator().manual_seed(derive_seed("shuffle", self.seed, self.epoch))
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
@@ -169,7 +169,7 @@ class FolderBatchLoader(BatchLoader):
         )
 
     def _uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._gen.manual_seed(self.seed + self.epoch)
+        self._gen.manual_seed(derive_seed("shuffle", self.seed, self.epoch))
         if self._sampler is not None:
             self._sampler.set_epoch(self.epoch)
         yield from self._loader

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fct.errors import FCTError
-from fct.hashing import config_hash
 from fct.methods.base import Deployment, Method, Settings, register_method
 from fct.models import Transformation
-from fct.seeding import isolated_rng
+from fct.seeding import derive_seed, isolated_rng
 from fct.session import Role
 
 if TYPE_CHECKING:
@@ -166,8 +165,7 @@ class FastFill(Method):
         )
         # Initial weights from what the module is, not from the global torch stream, which
         # depends on whether the models above were trained in this process or loaded.
-        init = config_hash({"fastfill": [spec.as_dict(), *dims], "seed": ctx.seed})
-        with isolated_rng(int(init, 16)):
+        with isolated_rng(derive_seed("fastfill-init", ctx.seed, spec.as_dict(), *dims)):
             module = UncertainTransformation(*dims, spec.hidden)
         use_ce = _uses_classifier(new.spec)
         weight = new.classifier_weight().clone().to(ctx.device)

@@ -14,7 +14,7 @@ GROUND = {
     "errors": set(),
     "registry": {"errors"},
     "hashing": set(),
-    "seeding": set(),
+    "seeding": {"hashing"},
     "threads": set(),
     "io": {"errors"},
     "device": {"errors"},
