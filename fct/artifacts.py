@@ -42,7 +42,15 @@ import torch
 
 from fct.errors import FCTError
 from fct.hashing import config_hash
-from fct.io import atomic_dir, read_json, sha256_file, sha256_regular, write_safetensors  # noqa: F401
+from fct.io import (  # noqa: F401
+    atomic_dir,
+    check_sums,
+    not_regular,
+    read_json,
+    sha256_file,
+    sha256_regular,
+    write_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ class Entry:
         tensors = self.path / TENSORS
         # verify() hashed the file through a descriptor that follows no symlink; safetensors
         # opens by name, so make sure the name still is that regular file, not a link.
-        if _not_regular(tensors) is not None:
+        if not_regular(tensors) is not None:
             raise FCTError(f"{tensors} is not a regular file; delete it and rerun")
         return load_file(str(tensors)), meta
 
@@ -187,23 +195,6 @@ class Entry:
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
-def _not_regular(path: Path) -> str | None:
-    """Why ``path`` is not a plain regular file (a symlink is not one), or None."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return f"{path.name} missing"
-    except OSError as e:
-        return f"{path.name} cannot be examined ({e.strerror or e})"
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path.name} is a symlink"
-    if stat.S_ISDIR(st.st_mode):
-        return f"{path.name} is a folder"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{path.name} is not a regular file"
-    return None
-
-
 def _is_sha256(value: Any) -> bool:
     return (
         isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
@@ -227,7 +218,7 @@ def _check_manifest(path: Path, entry: Entry | None = None) -> str | None:
         return "the entry is a symlink, not a folder"
     if not stat.S_ISDIR(st.st_mode):
         return "the entry is not a folder"
-    problem = _not_regular(path / MANIFEST)
+    problem = not_regular(path / MANIFEST)
     if problem is not None:
         return "no manifest" if problem.endswith(" missing") else problem
     try:
@@ -242,6 +233,7 @@ def _check_manifest(path: Path, entry: Entry | None = None) -> str | None:
     files = manifest.get("files")
     if not isinstance(files, dict):
         return "manifest has no file list"
+    sums = {}
     for name in (TENSORS, META):
         want = files.get(name)
         if not isinstance(want, dict):
@@ -250,23 +242,12 @@ def _check_manifest(path: Path, entry: Entry | None = None) -> str | None:
         # bool is an int subclass: true/false are not sizes.
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not _is_sha256(sha):
             return f"manifest entry of {name} is malformed"
-        problem = _not_regular(path / name)
-        if problem is not None:
-            return problem
-        actual = os.lstat(path / name).st_size
-        if actual != size:
-            return f"{name} has {actual} bytes, manifest says {size}"
-        try:
-            digest, read = sha256_regular(path / name)
-        except (OSError, ValueError) as e:
-            return f"{name} unreadable ({getattr(e, 'strerror', None) or e})"
-        if read != size or digest != sha:
-            return f"{name} checksum mismatch"
+        sums[name] = (sha, size)
     # The cache writes exactly these three files; anything else was put there by someone else
     # (a planted model.pt, say) and makes the whole entry untrusted.
-    extra = sorted(p.name for p in path.iterdir() if p.name not in (TENSORS, META, MANIFEST))
-    if extra:
-        return f"unexpected file {extra[0]}"
+    problem = check_sums(path, sums, only=(TENSORS, META, MANIFEST))
+    if problem is not None:
+        return problem
     # Every caller treats meta as a dict; one that is not (a crafted entry with matching sums)
     # must be rejected here, not fail later in whoever reads it.
     try:

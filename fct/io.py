@@ -296,3 +296,54 @@ def sha256_regular(path: str | os.PathLike[str]) -> tuple[str, int]:
         return h.hexdigest(), size
     finally:
         os.close(fd)
+
+
+def not_regular(path: Path) -> str | None:
+    """Why ``path`` is not a plain regular file (a symlink is not one), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path.name} missing"
+    except OSError as e:
+        return f"{path.name} cannot be examined ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path.name} is a symlink"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path.name} is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path.name} is not a regular file"
+    return None
+
+
+def check_sums(
+    folder: Path,
+    sums: dict[str, tuple[str, int | None]],
+    only: tuple[str, ...] | None = None,
+) -> str | None:
+    """Why the files of a checksummed folder do not match what was recorded, or None.
+
+    The one check of the cache's entries (fct.artifacts, sums from the manifest) and the
+    trainer's epoch checkpoints (fct.train, sums from ``state.json``). ``sums`` maps a file
+    name to its recorded (sha256, size in bytes or None). Each file must be a regular file (a
+    symlink, FIFO or device is refused without being followed or read), of the recorded size,
+    with the recorded sha256. With ``only`` (every name the writer puts in the folder), any
+    other file makes the folder untrusted (``unexpected file NAME``).
+    """
+    for name, (sha, size) in sums.items():
+        path = Path(folder) / name
+        problem = not_regular(path)
+        if problem is not None:
+            return problem
+        if size is not None and (actual := os.lstat(path).st_size) != size:
+            return f"{name} has {actual} bytes, {size} recorded"
+        try:
+            digest, read = sha256_regular(path)
+        except (OSError, ValueError) as e:
+            return f"{name} unreadable ({getattr(e, 'strerror', None) or e})"
+        if digest != sha or (size is not None and read != size):
+            return f"{name} checksum mismatch"
+    if only is not None:
+        extra = sorted(p.name for p in Path(folder).iterdir() if p.name not in only)
+        if extra:
+            return f"unexpected file {extra[0]}"
+    return None

@@ -164,7 +164,7 @@ def _check_checkpoint(ckpt: Path, max_epoch: int | None = None) -> dict:
     are read only when they are regular files (no symlink is followed, no FIFO blocks), and
     ``state.json`` is read bounded.
     """
-    from fct.io import read_json, sha256_regular
+    from fct.io import check_sums, read_json
 
     if ckpt.is_symlink() or not ckpt.is_dir():
         raise ValueError("not a folder")
@@ -199,12 +199,9 @@ def _check_checkpoint(ckpt: Path, max_epoch: int | None = None) -> dict:
     for f in CKPT_FILES:
         if not isinstance(sums.get(f), str):
             raise ValueError(f"no checksum of {f} in state.json")
-        try:
-            digest, _ = sha256_regular(ckpt / f)
-        except OSError as e:
-            raise ValueError(f"{f} unreadable ({e.strerror or e})") from e
-        if digest != sums[f]:
-            raise ValueError(f"{f} checksum mismatch")
+    problem = check_sums(ckpt, {f: (sums[f], None) for f in CKPT_FILES})
+    if problem is not None:
+        raise ValueError(problem)
     return state
 
 
