@@ -435,7 +435,9 @@ def train(
                 f" over {distributed.world()} processes" if distributed.world() > 1 else "",
                 100 * wait / max(dt, 1e-9),
             )
-            if checkpoint_dir and distributed.is_main():
+            # No checkpoint after the last epoch: the caller writes the finished model at once
+            # (a crash in between redoes only that epoch, with the same seeds, to the same end).
+            if checkpoint_dir and distributed.is_main() and epoch + 1 < cfg.epochs:
                 save_checkpoint(checkpoint_dir, epoch + 1, model, opt, {"loss": last})
     finally:
         if net is not model:

@@ -503,8 +503,9 @@ def test_hostile_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, case):
 @pytest.mark.parametrize("case", ["empty-list", "epoch-folder-a-file"])
 def test_training_over_a_hostile_checkpoint_starts_over_cleanly(tmp_path, caplog, case):
     """train() itself: the damaged partial checkpoint is skipped, training starts over, ends
-    with the weights of an uninterrupted run and leaves a sound checkpoint behind."""
-    cfg = OptimConfig("sgd", 0.05, 0.9, 0.0, epochs=2, warmup_epochs=0.0)
+    with the weights of an uninterrupted run and leaves a sound checkpoint behind (of epoch 2:
+    the last epoch of three writes none, its model is saved by the caller)."""
+    cfg = OptimConfig("sgd", 0.05, 0.9, 0.0, epochs=3, warmup_epochs=0.0)
     x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 3)
 
     def run(checkpoint_dir):
@@ -529,7 +530,7 @@ def test_training_over_a_hostile_checkpoint_starts_over_cleanly(tmp_path, caplog
         model, opt = _tiny_training()
         save_checkpoint(folder, 1, model, opt, {"loss": 0.5})
         HOSTILE_STATES["empty-list"](folder / "epoch-0001", tmp_path)
-    else:  # a file where the last epoch's checkpoint folder goes
+    else:  # a file where epoch 2's checkpoint folder goes
         folder.mkdir()
         (folder / "epoch-0002").write_text("not a checkpoint")
     caplog.set_level("WARNING")

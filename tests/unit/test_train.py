@@ -12,7 +12,7 @@ from fct.artifacts import Cache
 from fct.data import make_loader, make_synthetic
 from fct.errors import FCTError
 from fct.models import EmbeddingModel
-from fct.train import OptimConfig, lr_at, train
+from fct.train import OptimConfig, _check_checkpoint, lr_at, train
 
 CFG = OptimConfig("sgd", 0.05, 0.9, 5e-4, epochs=3, warmup_epochs=0.5)
 
@@ -124,7 +124,10 @@ def test_damaged_checkpoint_is_skipped_for_an_older_valid_one(tmp_path, caplog):
     )
     for (k, x), (_, y) in zip(ref_model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(x, y), k
-    assert [p.name for p in ckpt.iterdir()] == ["epoch-0003"]
+    # The damaged epoch 2 was rewritten; the last epoch writes no checkpoint (the caller saves
+    # the finished model at once), so epoch 2's is the last one.
+    assert [p.name for p in ckpt.iterdir()] == ["epoch-0002"]
+    assert _check_checkpoint(ckpt / "epoch-0002")["epoch"] == 2
 
 
 def test_nan_loss_stops_with_the_learning_rate_named(tmp_path):
