@@ -46,9 +46,12 @@ def _fct(session: nox.Session, *args: str) -> None:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the fast CPU test suite (pytest args pass through)."""
+    """Run the CPU test suite on every core (pytest args pass through: `-- -m "not slow"`)."""
     python = _shared_env(session)
-    session.run(python, "-m", "pytest", *(session.posargs or ["-q"]), external=True)
+    # One worker per core (pytest-xdist), tests handed out as workers free up; every test runs
+    # its torch on one thread (tests/conftest.py), so the workers do not oversubscribe the CPU.
+    args = ["-q", "-n", "auto", "--dist", "worksteal", *session.posargs]
+    session.run(python, "-m", "pytest", *args, external=True)
 
 
 @nox.session

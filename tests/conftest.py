@@ -33,6 +33,17 @@ os.environ["FCT_NO_DOWNLOAD"] = "1"
 os.environ.setdefault("FCT_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+E2E = ROOT / "tests" / "e2e"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every end-to-end test (tests/e2e/: whole runs, subprocesses, torchrun, crash loops) is
+    ``slow``: ``pytest -m "not slow"`` is the inner loop of unit tests."""
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
+
+
 # Record keys that measure time or speed (or say when and where), which no rerun reproduces.
 VOLATILE = re.compile(r"seconds|per_s|date|speedup|throughput|time")
 
