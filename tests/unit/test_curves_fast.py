@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fct import curves
+from fct import curve_grid
 from fct.curves import (
     _Fallback,
     backfill_counts,
@@ -93,7 +93,7 @@ def test_tie_heavy_features_give_identical_points() -> None:
 def test_identical_whether_far_items_are_dropped_or_sorted(monkeypatch, drop) -> None:
     """Dropping the items beyond each row's farthest positive (partition) or sorting them all
     gives the same points: on well separated classes, on overlapping ones, and with ties."""
-    monkeypatch.setattr(curves, "DROP_MAX_FRACTION", drop)
+    monkeypatch.setattr(curve_grid, "DROP_MAX_FRACTION", drop)
     separated = _clustered(240, 8, 6, 12, noise=0.3, drift=0.2)
     overlapping = _clustered(240, 8, 6, 13, noise=3.0, drift=2.0)
     rng = np.random.default_rng(14)
@@ -210,6 +210,6 @@ def test_one_pass_is_much_cheaper_than_a_point_per_evaluation() -> None:
 
 def test_buckets_are_the_first_point_an_item_is_backfilled() -> None:
     order = np.array([3, 0, 2, 1])
-    b = curves._buckets(order, np.array([0, 1, 3, 4]))
+    b = curve_grid._buckets(order, np.array([0, 1, 3, 4]))
     # positions: item 3 -> 0, item 0 -> 1, item 2 -> 2, item 1 -> 3
     assert b.tolist() == [2, 3, 2, 1]
