@@ -97,7 +97,8 @@ class _Rows:
         t_max = 2 * r_max
         t1, p1 = t_max + 1, n_points + 1
         self.b, self.r_max, self.t_max, self.n_points = b, r_max, t_max, n_points
-        self.n_pos = count - 1
+        has_self = self_col >= 0  # -1: a query apart from the gallery excludes nothing
+        self.n_pos = count - has_self
         self.query_labels = query_labels
         rows = np.arange(b)
         offs = np.arange(r_max)
@@ -144,15 +145,15 @@ class _Rows:
         sampled = np.count_nonzero(items[:, ::8] <= farthest[:, None], axis=1).max(initial=0)
         if 8 * (sampled + 3 * np.sqrt(sampled + 1) + 1) + t_max < DROP_MAX_FRACTION * keys.shape[1]:
             far = items > farthest[:, None]
-            far[rows, self_col] = True
-            far[rows, n + self_col] = True
+            far[rows[has_self], self_col[has_self]] = True
+            far[rows[has_self], n + self_col[has_self]] = True
             np.bitwise_or(items, _DROP_BITS << 32, out=items, where=far)
             width = nb - int(np.count_nonzero(far, axis=1).min(initial=nb)) + t_max
             keys.partition(width - 1, axis=1)
             keys = np.ascontiguousarray(keys[:, :width])
         else:  # sorting the far items costs less than dropping them; the query's own: dropped
-            keys[rows, self_col] |= _DROP_BITS << 32
-            keys[rows, n + self_col] |= _DROP_BITS << 32
+            keys[rows[has_self], self_col[has_self]] |= _DROP_BITS << 32
+            keys[rows[has_self], n + self_col[has_self]] |= _DROP_BITS << 32
         keys.sort(axis=1)
         # Items keep their tag (kept or dropped); needles get nb.
         low = keys.view(np.uint32)[:, 0::2] if sys.byteorder == "little" else keys & 0xFFFFFFFF
@@ -302,11 +303,20 @@ def fast_curve_points(
     counts: list[int],
     opts: dict[str, Any],
     *,
+    query: np.ndarray | None = None,
+    query_labels: np.ndarray | None = None,
+    hits: bool = False,
     sub_block_bytes: int = SUB_BLOCK_BYTES,
     workers: int | None = None,
 ) -> dict[str, list[dict]]:
     """The points of ``curve_points`` for every order at once, equal to its values (mAP,
-    top-1, query counts) to the last bit, at the cost of about two evaluations.
+    top-1, query counts, and with ``hits`` each query's top-1 hit and scored flag) to the last
+    bit, at the cost of about two evaluations.
+
+    ``new``, ``updated``, ``labels``: the gallery (the new model's and the method's updated
+    embeddings, and the classes). Without ``query`` the queries are ``new`` itself, each
+    query's own gallery item excluded (paired); with ``query`` (and ``query_labels``) they are
+    a set apart from the gallery and nothing is excluded.
 
     Raises _Fallback where it cannot promise that (non-finite distances, decreasing counts).
     """
@@ -319,13 +329,18 @@ def fast_curve_points(
     device = opts.get("device", "cpu")
     block_bytes = opts.get("block_bytes", retrieval.DEFAULT_BLOCK_BYTES)
     labels = np.asarray(labels, dtype=np.int64)
-    retrieval.FeatureSet(new, labels, name="query")
+    paired = query is None
+    if paired:
+        query, query_labels = new, labels
+    query_labels = np.asarray(query_labels, dtype=np.int64)
+    retrieval.FeatureSet(query, query_labels, name="query")
+    retrieval.FeatureSet(new, labels, name="gallery (new model)")
     retrieval.FeatureSet(updated, labels, name="gallery")
-    n = len(labels)
+    n, m = len(labels), len(query_labels)
     n_points = len(counts)
-    q = retrieval._prepare(new, distance)
+    q = retrieval._prepare(query, distance)
     index = metrics.GalleryIndex(labels)
-    g_new = q[index.perm]
+    g_new = (q if paired else retrieval._prepare(new, distance))[index.perm]
     g_upd = retrieval._prepare(updated, distance)[index.perm]
     # One distance computation against both galleries; exact duplicates (within or across the
     # two) are computed once and copied, as evaluate does within a gallery.
@@ -334,13 +349,14 @@ def fast_curve_points(
     col_n, col_u = cols[:n], cols[n:]
     counts_arr = np.asarray(counts, dtype=np.int64)
     buckets = {name: _buckets(order, counts_arr) for name, order in orders.items()}
-    rows_ref = _block_rows(n, n, block_bytes)
+    rows_ref = _block_rows(m, n, block_bytes)
     if workers is None:
         workers = max(1, min(4, torch.get_num_threads()))
-    start, count = index.blocks(labels)
+    start, count = index.blocks(query_labels)
+    self_col = index.inv if paired else np.full(m, -1, dtype=np.int64)
     perm = index.perm.astype(np.int64)
-    ap = {name: np.empty((n_points, n)) for name in orders}
-    top1 = {name: np.empty((n_points, n), dtype=bool) for name in orders}
+    ap = {name: np.empty((n_points, m)) for name in orders}
+    top1 = {name: np.empty((n_points, m), dtype=bool) for name in orders}
     identity = expand is None
 
     def score(a: int, z: int, blk: np.ndarray, r_max: int) -> None:
@@ -350,7 +366,15 @@ def fast_curve_points(
         else:
             d_n, d_u = blk[:, col_n], blk[:, col_u]
         rows = _Rows(
-            d_n, d_u, index.inv[a:z], labels[a:z], perm, start[a:z], count[a:z], r_max, n_points
+            d_n,
+            d_u,
+            self_col[a:z],
+            query_labels[a:z],
+            perm,
+            start[a:z],
+            count[a:z],
+            r_max,
+            n_points,
         )
         for name, bucket in buckets.items():
             ap[name][:, a:z], top1[name][:, a:z] = rows.points(bucket, labels)
@@ -377,7 +401,7 @@ def fast_curve_points(
                 pending.append(pool.submit(score, a, z, blk[a - s : z - s], r_max))
         for f in pending:
             f.result()
-    ok = count - 1 > 0
+    ok = count - (1 if paired else 0) > 0
     n_ok = int(ok.sum())
     if n_ok == 0:  # as evaluate says it
         raise FCTError(
@@ -393,8 +417,10 @@ def fast_curve_points(
                     "top1": float(100.0 * np.mean(top1[name][k][ok])),
                     "mAP": float(100.0 * np.mean(ap[name][k][ok])),
                     "n_query": n_ok,
-                    "n_skipped": n - n_ok,
+                    "n_skipped": m - n_ok,
                 }
             )
+            if hits:
+                pts[-1].update(hits=top1[name][k] & ok, scored=ok)
         out[name] = pts
     return out

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,12 +14,12 @@ from fct.curves import (
     _Fallback,
     backfill_counts,
     backfill_curves,
+    curve_orders,
     curve_points,
     fast_curve_points,
     random_order,
 )
 from fct.errors import FCTError
-from fct.methods.base import Deployment
 
 OPTS = {"distance": "l2", "backend": "torch", "device": "cpu"}
 KEYS = ("mAP", "top1", "n_query", "n_skipped")
@@ -140,10 +139,8 @@ def test_unsorted_counts_and_non_finite_distances_fall_back() -> None:
     with pytest.raises(_Fallback):
         fast_curve_points(big, updated, labels, _orders(60), backfill_counts(60), OPTS)
     # backfill_curves then evaluates each point instead.
-    dep = Deployment(query_model=None)
     rec = backfill_curves(
-        SimpleNamespace(seed=0),
-        dep,
+        curve_orders(60, 0),
         torch.from_numpy(big),
         torch.from_numpy(updated),
         torch.from_numpy(labels),
@@ -164,12 +161,8 @@ def test_no_scorable_query_is_refused_as_evaluate_does() -> None:
 def test_backfill_curves_records_the_fast_points() -> None:
     new, updated, labels = _clustered(250, 6, 5, 9)
     order = np.argsort(np.linalg.norm(new - updated, axis=1))[::-1].copy()
-    dep = Deployment(
-        query_model=None, backfill_order=torch.from_numpy(order), backfill_order_name="worst"
-    )
     rec = backfill_curves(
-        SimpleNamespace(seed=3),
-        dep,
+        curve_orders(250, 3, ("worst", torch.from_numpy(order))),
         torch.from_numpy(new),
         torch.from_numpy(updated),
         torch.from_numpy(labels),
