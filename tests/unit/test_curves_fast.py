@@ -206,3 +206,25 @@ def test_buckets_are_the_first_point_an_item_is_backfilled() -> None:
     b = curve_grid._buckets(order, np.array([0, 1, 3, 4]))
     # positions: item 3 -> 0, item 0 -> 1, item 2 -> 2, item 1 -> 3
     assert b.tolist() == [2, 3, 2, 1]
+
+
+@pytest.mark.parametrize("drop", [0.0, 100.0])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_a_query_set_apart_gives_identical_points(monkeypatch, drop, distance) -> None:
+    """Queries apart from the gallery (nothing excluded by index; a query class the gallery
+    lacks is skipped), whether far items are dropped or sorted, in several query blocks."""
+    monkeypatch.setattr(curve_grid, "DROP_MAX_FRACTION", drop)
+    new, updated, labels = _clustered(200, 6, 5, 21)
+    query, _, q_labels = _clustered(90, 6, 6, 22)  # class 5: not in the gallery
+    sets = {"query": query, "query_labels": q_labels}
+    opts = {**OPTS, "distance": distance, "block_bytes": 16 * 200 * 40}  # ~40 queries a block
+    counts = backfill_counts(200)
+    orders = _orders(200)
+    fast = fast_curve_points(new, updated, labels, orders, counts, opts, **sets)
+    for name, order in orders.items():
+        ref = curve_points(new, updated, labels, order, counts, opts, **sets)
+        for a, b in zip(fast[name], ref, strict=True):
+            for key in KEYS:
+                assert a[key] == b[key], (name, key, a[key], b[key])
+    assert fast["random"][0]["n_skipped"] == int((q_labels == 5).sum()) > 0
+    assert fast["random"][0]["n_query"] + fast["random"][0]["n_skipped"] == 90
