@@ -126,6 +126,21 @@ def evaluate_deployment(
     if not distributed.is_main():
         return None
     opts = knn_options(ctx)
+    if queries is not None and "sets-log" not in ctx.memo:  # once per scenario
+        ctx.memo["sets-log"] = True
+        ev = sc.eval
+        how = f"{ev.query_fraction:g} of" if ev.query_fraction is not None else "from"
+        log.info(
+            "%s: %d queries (%s %s/%s) against a gallery of %d (%s/%s), none excluded",
+            sc.name,
+            len(queries.labels),
+            how,
+            ev.dataset,
+            ev.query_data,
+            len(labels),
+            ev.dataset,
+            ev.gallery_data,
+        )
     costs: dict[str, Any] = {
         "backfill_fraction": dep.backfill_fraction,
         "backfill_images_per_s": ctx.embed_speed(dep.query_model),
