@@ -191,9 +191,9 @@ class Context:
         ``data``: a ``Role`` or its value: ``Role.EVAL`` ("eval", the evaluation gallery),
         ``Role.QUERY`` ("query", its queries: the same items unless the scenario's ``[eval]``
         names a query set apart), ``Role.NEW_TRAIN`` or ``Role.OLD_TRAIN`` ("new-train",
-        "old-train": the new or old model's training data). ``view`` 0 is the images as they are; view v > 0 is the split
-        augmented as its model spec trains (draws fixed by the run's seed and v), the same
-        augmented images whichever model embeds them.
+        "old-train": the new or old model's training data). ``view`` 0 is the images as they
+        are; view v > 0 is the split augmented as its model spec trains (draws fixed by the
+        run's seed and v), the same augmented images whichever model embeds them.
         """
         sc = self.scenario
         role = Role.parse(data)
