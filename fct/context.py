@@ -35,6 +35,7 @@ from fct.embedding import (
     embed_loader,
     embed_split,
     embedding_key,
+    query_mask,
 )
 from fct.errors import FCTError
 from fct.provenance import source_digest
@@ -112,12 +113,12 @@ class Context:
     # --- data ---------------------------------------------------------------------------
 
     def source(self, spec: ModelSpec | EvalSpec, split: str = "train", size: int | None = None):
-        """The ImageSource of a model spec's training data, or of the evaluation split.
+        """The ImageSource of a model spec's training data, or of the evaluation gallery's split.
 
         Images come at ``size``, else the model spec's ``image_size``, else the native size.
         """
         if isinstance(spec, EvalSpec):
-            split = spec.split
+            split = spec.gallery_data
         size = size or (spec.image_size if isinstance(spec, ModelSpec) else None)
         return self.session.source(spec.dataset, split, spec.classes, spec.max_per_class, size)
 
@@ -187,25 +188,36 @@ class Context:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and labels of a data split by ``model`` (cached).
 
-        ``data``: a ``Role`` or its value: ``Role.EVAL`` ("eval", the evaluation split),
-        ``Role.NEW_TRAIN`` or ``Role.OLD_TRAIN`` ("new-train", "old-train": the new or old
-        model's training data). ``view`` 0 is the images as they are; view v > 0 is the split
-        augmented as its model spec trains (draws fixed by the run's seed and v), the same
-        augmented images whichever model embeds them.
+        ``data``: a ``Role`` or its value: ``Role.EVAL`` ("eval", the evaluation gallery),
+        ``Role.QUERY`` ("query", its queries: the same items unless the scenario's ``[eval]``
+        names a query set apart), ``Role.NEW_TRAIN`` or ``Role.OLD_TRAIN`` ("new-train",
+        "old-train": the new or old model's training data). ``view`` 0 is the images as they
+        are; view v > 0 is the split augmented as its model spec trains (draws fixed by the
+        run's seed and v), the same augmented images whichever model embeds them.
         """
         sc = self.scenario
+        role = Role.parse(data)
         spec, split = {
-            Role.EVAL: (sc.eval, sc.eval.split),
+            Role.EVAL: (sc.eval, sc.eval.gallery_data),
+            Role.QUERY: (sc.eval, sc.eval.query_data),
             Role.NEW_TRAIN: (sc.new, "train"),
             Role.OLD_TRAIN: (sc.old, "train"),
-        }[Role.parse(data)]
+        }[role]
         if view and not isinstance(spec, ModelSpec):
             raise FCTError("augmented views are of training data only, not the eval split")
         augment = spec.augment if view else None
         key = embedding_key(model, spec, split, view, augment, self.seed)
-        return self.memo.get_or_build(
+        feats, labels = self.memo.get_or_build(
             ("embed", str(key)), lambda: self._embed(model, spec, split, key)
         )
+        if role in (Role.EVAL, Role.QUERY) and sc.eval.query_fraction is not None:
+            # One split, cut into queries and gallery (the whole split is embedded once).
+            keep = self.memo.get_or_build(
+                ("query-mask", str(key["data"])), lambda: query_mask(sc.eval, labels)
+            )
+            keep = keep if role == Role.QUERY else ~keep
+            feats, labels = feats[keep], labels[keep]
+        return feats, labels
 
     def _embed(self, model: Trained, spec, split: str, key: dict):
         feats, labels, speed = embed_split(self.session, model, spec, split, key)

@@ -8,10 +8,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fct import distributed
+from fct.hashing import config_hash
 from fct.session import Session, Trained, loader_workers
 
 if TYPE_CHECKING:
@@ -100,6 +102,26 @@ def embed_split(
 
     tensors, meta, _ = session.cache.get_or_build(entry, build)
     return tensors["features"], tensors["labels"], meta.get("images_per_s")
+
+
+def query_mask(spec: EvalSpec, labels: torch.Tensor) -> torch.Tensor:
+    """Which items of the evaluation split are queries under ``spec.query_fraction`` (bool
+    ``[N]``; the rest are the gallery). Stratified: in each class of ``c`` items,
+    ``round(fraction * c)`` (halves up) become queries, at least one and at most ``c - 1``
+    when ``c >= 2`` (a class of one item stays in the gallery). Which ones is a seeded draw
+    fixed by the dataset, split, classes, items per class and fraction, not by the run's
+    seed: every seed and method sees the same query set."""
+    fraction = float(spec.query_fraction)
+    y = labels.numpy().astype(np.int64)
+    seed = int(config_hash(data_key(spec, spec.split, None) | {"fraction": fraction}), 16)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        items = np.flatnonzero(y == c)
+        k = int(np.floor(fraction * len(items) + 0.5))
+        k = min(max(k, 1), len(items) - 1) if len(items) >= 2 else 0
+        mask[rng.permutation(items)[:k]] = True
+    return torch.from_numpy(mask)
 
 
 @torch.inference_mode()

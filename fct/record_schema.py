@@ -17,6 +17,8 @@ from fct.errors import FCTError
 SCHEMA = 1
 CASES = ("old/old", "new/new", "cross")
 CASE_METRICS = ("top1", "top5", "mAP", "mAP@R")
+#: Optional per-case flip rates against old/old (fct.flips), in percent: the cross case's.
+FLIP_METRICS = ("nfr", "pfr")
 
 #: Training time of a run (``costs``): the total (every artifact it used), and since the split
 #: was recorded, the artifacts trained for this method alone and those shared by every method.
@@ -160,6 +162,8 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
     for case in CASES:
         for metric in CASE_METRICS:
             _require(rec, path, f"cases.{case}.{metric}", "number")
+        for metric in FLIP_METRICS:  # absent in records written before flip rates
+            _optional(rec, path, f"cases.{case}.{metric}", "number")
         skipped = _optional(rec, path, f"cases.{case}.n_skipped", "int")
         if skipped is not None and skipped < 0:
             raise FCTError(f"{path}: key 'cases.{case}.n_skipped' is negative; {_hint(rec)}")
@@ -224,6 +228,8 @@ _SHOWN = (
     ("diagnostics.cross_norm_ratio", "number"),
     ("backfill_curves", "dict"),
     ("backfill_curves.auc_top1", "dict"),
+    ("backfill_curves.nfr", "dict"),
+    ("backfill_curves.pfr", "dict"),
 )
 
 
@@ -244,8 +250,15 @@ def _validate_shown(rec: dict[str, Any], path: Path) -> None:
     # The cosine cases and top-1 AUCs are shown as numbers: each one present must be one.
     for case in CASES:
         _optional(rec, path, f"cases_cosine.{case}", "dict")
-        for metric in CASE_METRICS:
+        for metric in CASE_METRICS + FLIP_METRICS:
             _optional(rec, path, f"cases_cosine.{case}.{metric}", "number")
+    for key in FLIP_METRICS:  # per order, one flip rate per curve point
+        for order, value in ((rec.get("backfill_curves") or {}).get(key) or {}).items():
+            if not (isinstance(value, list) and all(_is_kind(v, "number") for v in value)):
+                raise FCTError(
+                    f"{path}: key 'backfill_curves.{key}' holds {_shown(value)} for order "
+                    f"{_shown(order)}, not a list of numbers; {_hint(rec)}"
+                )
     auc_top1 = (rec.get("backfill_curves") or {}).get("auc_top1") or {}
     for order, value in auc_top1.items():
         # Checked here, not with _require: an order name may contain a dot.

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -473,14 +474,22 @@ def evaluate(
     device: str = "cpu",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = False,
-) -> dict[str, float | int | str]:
+    hits: bool = False,
+) -> dict[str, Any]:
     """Evaluate retrieval of ``query`` against ``gallery``.
 
     Without a gallery the query set is its own gallery, leave-one-out. ``paired`` says query i
     and gallery i are the same item encoded by two models (the cross-model case): each query's
-    own gallery entry is excluded, as in leave-one-out. Returns top1, top5, mAP, mAP@R (percent),
-    n_query (queries scored), n_skipped (queries with no same-class item in the gallery, left out
-    of every metric), n_gallery, distance and backend.
+    own gallery entry is excluded, as in leave-one-out. A separate gallery without ``paired``
+    (a query set apart from the gallery) excludes nothing. Returns top1, top5, mAP, mAP@R
+    (percent), n_query (queries scored), n_skipped (queries with no same-class item in the
+    gallery, left out of every metric), n_gallery, distance and backend.
+
+    With ``hits=True`` it also returns, for flip rates (fct.flips), ``hits``: a bool array with
+    one entry per query in query order, true where the first-ranked item is of the query's class
+    (top-1's own test and tie rule), and ``scored``: a bool array, true for the queries scored
+    (``hits`` is false for the skipped ones, which are not misses: mask them with ``scored``).
+    Neither is a record value: the runner drops them before writing.
     """
     if distance not in DISTANCES:
         raise FCTError(f"unknown distance '{distance}'; choose one of {', '.join(DISTANCES)}")
@@ -563,11 +572,14 @@ def evaluate(
                 results.extend(f.result() for f in pending)
     finally:
         feed.close()  # stops the distance thread, also when scoring failed
-    out: dict[str, float | int | str] = dict(metrics.summarize(results))
+    out: dict[str, Any] = dict(metrics.summarize(results))
     if out["n_query"] == 0:
         raise FCTError(
             "no query has a same-class item in the gallery, so nothing can be scored; "
             "check that query and gallery labels use the same class ids"
         )
     out.update(n_gallery=n, distance=distance, backend=backend)
+    if hits:
+        first = np.concatenate([r.first_rank for r in results])
+        out["hits"], out["scored"] = first == 1, first > 0
     return out

@@ -24,7 +24,7 @@ import torch
 from fct import distributed, retrieval
 from fct.artifacts import Cache
 from fct.context import Context
-from fct.curves import backfill_curves
+from fct.curves import backfill_curves, curve_orders, point_flips
 from fct.embedding import apply_transformation
 from fct.errors import FCTError
 from fct.io import check_writable, read_json
@@ -33,7 +33,7 @@ from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
 from fct.scenarios import Scenario, Suite, config_hash
 from fct.seeding import derive_seed
-from fct.session import Session
+from fct.session import Role, Session
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,40 @@ def evaluate_deployment(
     the backfilling curves (``curves``, ``auc``, ``backfill_curves``: see fct.curves), the
     cases under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
 
-    Under torchrun every rank takes part in embedding the evaluation split (sharded); the
+    Leave-one-out on the evaluation split, or, when the scenario's ``[eval]`` names a query
+    set apart (``Role.QUERY``), its queries against the gallery (``Role.EVAL``): the method
+    updates and backfills the gallery items only.
+
+    Under torchrun every rank takes part in embedding the evaluation data (sharded); the
     evaluation itself runs on rank 0, and the other ranks return None.
     """
     sc = ctx.scenario
     old = ctx.old_model()
-    old_x, labels = ctx.embed(old, "eval")
-    new_x, _ = ctx.embed(dep.query_model, "eval")
-    side_x = ctx.embed(ctx.side_model(), "eval")[0] if dep.uses_side else None
+    old_x, labels = ctx.embed(old, Role.EVAL)
+    new_x, _ = ctx.embed(dep.query_model, Role.EVAL)
+    side_x = ctx.embed(ctx.side_model(), Role.EVAL)[0] if dep.uses_side else None
+    queries = None
+    if sc.eval.separate:
+        old_q, q_labels = ctx.embed(old, Role.QUERY)
+        queries = QuerySet(old_q, ctx.embed(dep.query_model, Role.QUERY)[0], q_labels)
     if not distributed.is_main():
         return None
     opts = knn_options(ctx)
+    if queries is not None and "sets-log" not in ctx.memo:  # once per scenario
+        ctx.memo["sets-log"] = True
+        ev = sc.eval
+        how = f"{ev.query_fraction:g} of" if ev.query_fraction is not None else "from"
+        log.info(
+            "%s: %d queries (%s %s/%s) against a gallery of %d (%s/%s), none excluded",
+            sc.name,
+            len(queries.labels),
+            how,
+            ev.dataset,
+            ev.query_data,
+            len(labels),
+            ev.dataset,
+            ev.gallery_data,
+        )
     costs: dict[str, Any] = {
         "backfill_fraction": dep.backfill_fraction,
         "backfill_images_per_s": ctx.embed_speed(dep.query_model),
@@ -139,20 +162,35 @@ def evaluate_deployment(
             f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(new_x.shape)}; "
             "the gallery update must map old embeddings into the new model's space"
         )
-    cases = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts)
+    raw = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts, queries)
     # The same cases under cosine distance: a method whose embeddings change scale (BCT's grow
     # with a frozen classifier) shows it as a gap between the two (docs/baselines.md).
     cos_opts = {**opts, "distance": "cosine"}
+    cases = _record_cases(raw)
     cases_cosine = (
         cases
         if opts["distance"] == "cosine"
-        else _three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts)
+        else _record_cases(_three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts, queries))
     )
-    diagnostics = {"cross_norm_ratio": _norm_ratio(new_x, gallery)}
+    cross_queries = new_x if queries is None else queries.new
+    diagnostics = {"cross_norm_ratio": _norm_ratio(cross_queries, gallery)}
     t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
     costs["speedup_vs_backfill"] = t / b if t and b else None
     # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
-    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if sc.eval.curves else {}
+    curves = {}
+    if sc.eval.curves:
+        own = None
+        if dep.backfill_order is not None:
+            own = (dep.backfill_order_name, dep.backfill_order)
+        curves = backfill_curves(
+            curve_orders(len(labels), ctx.seed, own),
+            new_x,
+            gallery,
+            labels,
+            opts,
+            queries=None if queries is None else (queries.new, queries.labels),
+            before=raw["old/old"],
+        )
     # --- end of backfilling curves ---
     extras = {
         "cases_cosine": {k: _round(v) for k, v in cases_cosine.items()},
@@ -161,21 +199,54 @@ def evaluate_deployment(
     return {k: _round(v) for k, v in cases.items()}, _round(costs), {**curves, **extras}
 
 
-def _three_cases(ctx: Context, old, old_x, new_x, gallery, labels, opts: dict) -> dict[str, dict]:
-    """old/old, new/new and cross (new queries against the updated gallery, paired)."""
+@dataclass(frozen=True)
+class QuerySet:
+    """A query set apart from the gallery: its old and new model embeddings and its labels."""
+
+    old: torch.Tensor
+    new: torch.Tensor
+    labels: torch.Tensor
+
+
+def _three_cases(
+    ctx: Context, old, old_x, new_x, gallery, labels, opts: dict, queries: QuerySet | None = None
+) -> dict[str, dict]:
+    """old/old, new/new and cross (new queries against the updated gallery), each with its
+    per-query ``hits`` (fct.retrieval.evaluate(hits=True)). Leave-one-out (the cross case
+    paired: a query's own item excluded) unless ``queries`` is a set apart from the gallery."""
+
+    def run(q, q_labels, g, name: str, paired: bool = False) -> dict:
+        gal = None if g is None else _features(g, labels, f"{name} gallery")
+        return retrieval.evaluate(
+            _features(q, q_labels, f"{name} queries"), gal, paired=paired, hits=True, **opts
+        )
+
     cases = {}
-    cases["old/old"] = ctx.memo.get_or_build(
-        ("old/old", old.digest, str(opts)),
-        lambda: retrieval.evaluate(_features(old_x, labels, "old/old"), **opts),
-    )
-    cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
-    cases["cross"] = retrieval.evaluate(
-        _features(new_x, labels, "query"),
-        _features(gallery, labels, "gallery"),
-        paired=True,
-        **opts,
-    )
+    if queries is None:
+        cases["old/old"] = ctx.memo.get_or_build(
+            ("old/old", old.digest, str(opts)), lambda: run(old_x, labels, None, "old/old")
+        )
+        cases["new/new"] = run(new_x, labels, None, "new/new")
+        cases["cross"] = run(new_x, labels, gallery, "cross", paired=True)
+    else:
+        cases["old/old"] = ctx.memo.get_or_build(
+            ("old/old", old.digest, str(opts)),
+            lambda: run(queries.old, queries.labels, old_x, "old/old"),
+        )
+        cases["new/new"] = run(queries.new, queries.labels, new_x, "new/new")
+        cases["cross"] = run(queries.new, queries.labels, gallery, "cross")
     return cases
+
+
+def _record_cases(raw: dict[str, dict]) -> dict[str, dict]:
+    """The cases as the record holds them: without the per-query arrays, and the cross case
+    with its flip rates against old/old (``nfr``, ``pfr``: fct.flips; the queries skipped
+    by either are left out, as they are of top-1)."""
+    out = {
+        name: {k: v for k, v in r.items() if k not in ("hits", "scored")} for name, r in raw.items()
+    }
+    out["cross"].update(point_flips(raw["old/old"], raw["cross"]))
+    return out
 
 
 def _norm_ratio(queries: torch.Tensor, gallery: torch.Tensor) -> float | None:
@@ -317,6 +388,9 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
             continue
         try:
             ctx.source(spec)
+            if role == "eval" and spec.query_data != spec.gallery_data:
+                ev = spec
+                ctx.session.source(ev.dataset, ev.query_data, ev.classes, ev.max_per_class, None)
         except FCTError as e:
             raise FCTError(f"scenario '{sc.name}' [{role}]: {e}") from e
     return refused

@@ -100,7 +100,10 @@ class TransformationSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The evaluation split: used whole as queries and gallery, leave-one-out."""
+    """The evaluation data: by default one split used whole as queries and gallery,
+    leave-one-out; or a query set apart from the gallery: another split (``query_split``,
+    the gallery ``gallery_split`` or else ``split``), or a seeded, per-class share of the
+    split's items (``query_fraction``). See docs/suites.md."""
 
     dataset: str = "fashion_mnist"
     split: str = "test"
@@ -109,10 +112,36 @@ class EvalSpec:
     distance: str = "l2"
     backend: str = "torch"
     curves: bool = True  # backfilling curves: 22 cross evaluations per ordering and method
+    query_split: str | None = None  # the queries' split, apart from the gallery's
+    gallery_split: str | None = None  # the gallery's split with query_split (default: split)
+    query_fraction: float | None = None  # a share of the split's items made queries
+
+    #: Keys that enter ``as_dict`` (and so the config hash) only when set, so scenarios
+    #: written before they existed keep their hashes.
+    OPTIONAL = ("query_split", "gallery_split", "query_fraction")
+
+    @property
+    def separate(self) -> bool:
+        """Whether the queries are a set apart from the gallery (else leave-one-out)."""
+        return self.query_split is not None or self.query_fraction is not None
+
+    @property
+    def gallery_data(self) -> str:
+        """The split the gallery (and, leave-one-out, the queries) comes from."""
+        return self.gallery_split or self.split
+
+    @property
+    def query_data(self) -> str:
+        """The split the queries come from."""
+        return self.query_split or self.gallery_data
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return _plain(self)
+        """Plain JSON-able dict (the optional keys only when set)."""
+        out = _plain(self)
+        for key in self.OPTIONAL:
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 @dataclass(frozen=True)
@@ -152,6 +181,7 @@ class Scenario:
         settings are in its own record's ``method_config``, not here."""
         out = _plain(self)
         del out["method_specs"]
+        out["eval"] = self.eval.as_dict()  # its optional keys only when set
         return out
 
     def results_key(self) -> dict[str, Any]:

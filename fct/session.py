@@ -35,13 +35,17 @@ if TYPE_CHECKING:
 
 
 class Role(StrEnum):
-    """The data a model embeds: the evaluation split, or the new or old model's training data.
+    """The data a model embeds: the evaluation gallery (``EVAL``: the stored items, which
+    methods update and backfill) and its queries (``QUERY``), or the new or old model's
+    training data. Leave-one-out (the default) makes both the whole evaluation split; a
+    scenario's ``[eval]`` may name a query set apart (fct.scenarios.EvalSpec).
 
     A StrEnum: ``Role.NEW_TRAIN == "new-train"``, and ``Role("new-train")`` parses the strings
     plugins and older code pass to ``Context.embed``.
     """
 
     EVAL = "eval"
+    QUERY = "query"
     NEW_TRAIN = "new-train"
     OLD_TRAIN = "old-train"
 

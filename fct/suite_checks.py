@@ -266,10 +266,50 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
         and sc.eval.max_per_class > 0
     ):
         raise FCTError(f"{where} [eval]: max_per_class must be a positive integer")
+    _validate_eval_sets(sc.eval, f"{where} [eval]")
     _validate_transformation(sc.transformation, f"{where} [transformation]")
     if "fct_side" in sc.methods and sc.side is None:
         raise FCTError(
             f"{where}: method fct_side needs side-information; remove side_info = false or the method"
+        )
+
+
+def _validate_eval_sets(ev: Any, where: str) -> None:
+    """The query set apart from the gallery: known splits, a fraction in (0, 1), one way of
+    naming the queries (docs/suites.md, "[eval]")."""
+    from fct.data.base import SPLITS
+
+    for key in ("split", "query_split", "gallery_split"):
+        value = getattr(ev, key)
+        if value is None and key != "split":
+            continue
+        if not isinstance(value, str) or value not in SPLITS:
+            raise FCTError(
+                f"{where}: unknown {key} {value!r}; use one of {', '.join(map(repr, SPLITS))}"
+            )
+    fraction = ev.query_fraction
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise FCTError(f"{where}: query_fraction must be a number in (0, 1), got {fraction!r}")
+        if not 0 < fraction < 1:
+            raise FCTError(
+                f"{where}: query_fraction must lie in (0, 1) (the share of the split's items "
+                f"made queries), got {fraction!r}"
+            )
+        if ev.query_split is not None or ev.gallery_split is not None:
+            raise FCTError(
+                f"{where}: query_fraction and query_split/gallery_split both name the queries; "
+                "keep one"
+            )
+    if ev.gallery_split is not None and ev.query_split is None:
+        raise FCTError(
+            f"{where}: gallery_split needs query_split (the queries' split); for leave-one-out "
+            "on one split set split instead"
+        )
+    if ev.query_split is not None and ev.query_split == ev.gallery_data:
+        raise FCTError(
+            f"{where}: query_split {ev.query_split!r} is also the gallery's split; drop it for "
+            "leave-one-out on that split, or set query_fraction to draw queries from it"
         )
 
 

@@ -23,6 +23,8 @@ from fct.report.summary import WITHIN_STD, Cell, Summary
 SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_change_mAP")
 #: Diagnostic columns, shown when any record has them (older records leave them blank): the
 #: cross case under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
+#: The cross case's negative flip rate (``cases.cross.nfr``), shown when any record has it.
+FLIP_METRICS = ("cross_nfr",)
 COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
 NORM_METRICS = ("cross_norm_ratio",)
 #: Averaged over scenarios; the last one orders the board.
@@ -46,6 +48,11 @@ DIAGNOSTICS = (
     "scenario's own distance); a gap to the cross columns means the embeddings' scale matters. "
     "norm ratio: mean norm of the cross case's queries / mean norm of its gallery (1 = same "
     "scale). Blank: the record predates these measurements."
+)
+FLIPS = (
+    "NFR: negative flip rate, the share of queries whose nearest neighbour is of the right "
+    "class under old/old and of a wrong class in the cross case (Yan et al., CVPR 2021; "
+    "lower is better). Blank: the record predates flip rates."
 )
 DEFINITIONS = (
     "cross: queries embedded by the new model against the updated gallery. "
@@ -72,6 +79,8 @@ def scenario_metrics(summary: Summary) -> list[str]:
     """The per-scenario metric keys, with AUC columns when any record has backfilling curves
     and the cosine / norm-ratio columns when any record measured them."""
     keys = [*SCENARIO_METRICS]
+    if any(r["cases"]["cross"].get("nfr") is not None for r in summary.records):
+        keys += FLIP_METRICS
     if any(r.get("cases_cosine") for r in summary.records):
         keys += COSINE_METRICS
     if any(
@@ -188,6 +197,8 @@ def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
             line.append(_symbol(cell))
         body.append(line)
     notes = [CRITERION, DEFINITIONS]
+    if any(k in keys for k in FLIP_METRICS):
+        notes.append(FLIPS)
     if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS)):
         notes.append(DIAGNOSTICS)
     if summary.multi_seed:

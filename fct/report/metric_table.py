@@ -115,6 +115,15 @@ def _cosine_case(case: str, key: str) -> Extract:
     return extract
 
 
+def _flip(case: str, key: str) -> Extract:
+    # Records written before flip rates existed have no ``nfr``/``pfr``: blank.
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = (rec["cases"].get(case) or {}).get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
 def _diagnostic(key: str) -> Extract:
     def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
         value = (rec.get("diagnostics") or {}).get(key)
@@ -235,6 +244,24 @@ METRICS.update(
                 extract=_new_new_change("mAP"),
                 lim=GAIN,
                 signed=True,
+            ),
+            Metric(
+                key="cross_nfr",
+                label="NFR",
+                description="cross negative flip rate: right under old/old, wrong in the cross case",
+                unit="%",
+                higher_is_better=False,
+                extract=_flip("cross", "nfr"),
+                lim=PERCENT,
+            ),
+            Metric(
+                key="cross_pfr",
+                label="PFR",
+                description="cross positive flip rate: wrong under old/old, right in the cross case",
+                unit="%",
+                higher_is_better=True,
+                extract=_flip("cross", "pfr"),
+                lim=PERCENT,
             ),
             Metric(
                 key="cross_cos_top1",

@@ -269,3 +269,44 @@ def test_an_error_on_rank0_ends_every_rank_with_one_line(tmp_path):
     assert "error: cannot write to the results folder" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the 2-process run failed")
     assert not (tmp_path / "cache" / "models").exists()  # nothing trained
+
+
+def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_tiny):
+    """Test queries against a train gallery ([eval] query_split / gallery_split): both sets
+    embedded sharded by two ranks (the cached embeddings removed, the models kept) give the
+    records one process gives from its own embeddings."""
+    import shutil
+
+    _, single_cache, _ = clean_tiny
+    keys = ['defaults.eval.query_split="test"', 'defaults.eval.gallery_split="train"']
+    outs = {}
+    for nproc in ("1", "2"):
+        cache = tmp_path / f"cache{nproc}"
+        shutil.copytree(single_cache, cache)
+        shutil.rmtree(cache / "features")  # every embedding is made again, sharded on 2 ranks
+        out = tmp_path / f"out{nproc}"
+        args = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+        args += [x for k in keys for x in ("--set", k)] + ["--methods", "independent,fct"]
+        proc = subprocess.run(
+            fct_command(*args, "--nproc", nproc),
+            cwd=tmp_path,
+            env=fct_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "training " not in proc.stderr  # the models came from the cache
+        outs[nproc] = out
+    for method in ("independent", "fct"):
+        one, two = (
+            json.loads((outs[n] / "runs" / "half-classes" / f"{method}.json").read_text())
+            for n in ("1", "2")
+        )
+        assert one["scenario_config"]["eval"]["query_split"] == "test"
+        for case in ("old/old", "new/new", "cross"):
+            assert two["cases"][case]["n_gallery"] == one["cases"][case]["n_gallery"] == 1280
+            for m in (*METRICS, "n_query"):
+                # Same weights: the only difference is the sharded embedding's batching.
+                assert two["cases"][case][m] == pytest.approx(one["cases"][case][m], abs=0.5)
+        assert two["cases"]["cross"]["nfr"] == pytest.approx(one["cases"]["cross"]["nfr"], abs=0.5)

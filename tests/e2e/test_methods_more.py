@@ -24,6 +24,7 @@ from fct.curves import (
     backfill_curves,
     backfill_fractions,
     check_order,
+    curve_orders,
     curve_points,
     mixed_gallery,
     random_order,
@@ -103,8 +104,7 @@ def test_worst_first_order_gives_a_higher_curve_than_random() -> None:
         query_model=None, backfill_order=torch.from_numpy(order), backfill_order_name="worst"
     )
     rec = backfill_curves(
-        _ctx(),
-        dep,
+        curve_orders(len(labels), _ctx().seed, (dep.backfill_order_name, dep.backfill_order)),
         torch.from_numpy(new),
         torch.from_numpy(updated),
         torch.from_numpy(labels),
@@ -139,8 +139,7 @@ def test_a_bad_method_order_is_refused() -> None:
     )
     with pytest.raises(FCTError, match="may not be named 'random'"):
         backfill_curves(
-            _ctx(),
-            dep,
+            curve_orders(30, _ctx().seed, (dep.backfill_order_name, dep.backfill_order)),
             torch.from_numpy(new),
             torch.from_numpy(updated),
             torch.from_numpy(labels),

@@ -4,23 +4,22 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from fct import curves
+from fct import curve_grid
 from fct.curves import (
     _Fallback,
     backfill_counts,
     backfill_curves,
+    curve_orders,
     curve_points,
     fast_curve_points,
     random_order,
 )
 from fct.errors import FCTError
-from fct.methods.base import Deployment
 
 OPTS = {"distance": "l2", "backend": "torch", "device": "cpu"}
 KEYS = ("mAP", "top1", "n_query", "n_skipped")
@@ -93,7 +92,7 @@ def test_tie_heavy_features_give_identical_points() -> None:
 def test_identical_whether_far_items_are_dropped_or_sorted(monkeypatch, drop) -> None:
     """Dropping the items beyond each row's farthest positive (partition) or sorting them all
     gives the same points: on well separated classes, on overlapping ones, and with ties."""
-    monkeypatch.setattr(curves, "DROP_MAX_FRACTION", drop)
+    monkeypatch.setattr(curve_grid, "DROP_MAX_FRACTION", drop)
     separated = _clustered(240, 8, 6, 12, noise=0.3, drift=0.2)
     overlapping = _clustered(240, 8, 6, 13, noise=3.0, drift=2.0)
     rng = np.random.default_rng(14)
@@ -140,10 +139,8 @@ def test_unsorted_counts_and_non_finite_distances_fall_back() -> None:
     with pytest.raises(_Fallback):
         fast_curve_points(big, updated, labels, _orders(60), backfill_counts(60), OPTS)
     # backfill_curves then evaluates each point instead.
-    dep = Deployment(query_model=None)
     rec = backfill_curves(
-        SimpleNamespace(seed=0),
-        dep,
+        curve_orders(60, 0),
         torch.from_numpy(big),
         torch.from_numpy(updated),
         torch.from_numpy(labels),
@@ -164,12 +161,8 @@ def test_no_scorable_query_is_refused_as_evaluate_does() -> None:
 def test_backfill_curves_records_the_fast_points() -> None:
     new, updated, labels = _clustered(250, 6, 5, 9)
     order = np.argsort(np.linalg.norm(new - updated, axis=1))[::-1].copy()
-    dep = Deployment(
-        query_model=None, backfill_order=torch.from_numpy(order), backfill_order_name="worst"
-    )
     rec = backfill_curves(
-        SimpleNamespace(seed=3),
-        dep,
+        curve_orders(250, 3, ("worst", torch.from_numpy(order))),
         torch.from_numpy(new),
         torch.from_numpy(updated),
         torch.from_numpy(labels),
@@ -210,6 +203,28 @@ def test_one_pass_is_much_cheaper_than_a_point_per_evaluation() -> None:
 
 def test_buckets_are_the_first_point_an_item_is_backfilled() -> None:
     order = np.array([3, 0, 2, 1])
-    b = curves._buckets(order, np.array([0, 1, 3, 4]))
+    b = curve_grid._buckets(order, np.array([0, 1, 3, 4]))
     # positions: item 3 -> 0, item 0 -> 1, item 2 -> 2, item 1 -> 3
     assert b.tolist() == [2, 3, 2, 1]
+
+
+@pytest.mark.parametrize("drop", [0.0, 100.0])
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_a_query_set_apart_gives_identical_points(monkeypatch, drop, distance) -> None:
+    """Queries apart from the gallery (nothing excluded by index; a query class the gallery
+    lacks is skipped), whether far items are dropped or sorted, in several query blocks."""
+    monkeypatch.setattr(curve_grid, "DROP_MAX_FRACTION", drop)
+    new, updated, labels = _clustered(200, 6, 5, 21)
+    query, _, q_labels = _clustered(90, 6, 6, 22)  # class 5: not in the gallery
+    sets = {"query": query, "query_labels": q_labels}
+    opts = {**OPTS, "distance": distance, "block_bytes": 16 * 200 * 40}  # ~40 queries a block
+    counts = backfill_counts(200)
+    orders = _orders(200)
+    fast = fast_curve_points(new, updated, labels, orders, counts, opts, **sets)
+    for name, order in orders.items():
+        ref = curve_points(new, updated, labels, order, counts, opts, **sets)
+        for a, b in zip(fast[name], ref, strict=True):
+            for key in KEYS:
+                assert a[key] == b[key], (name, key, a[key], b[key])
+    assert fast["random"][0]["n_skipped"] == int((q_labels == 5).sum()) > 0
+    assert fast["random"][0]["n_query"] + fast["random"][0]["n_skipped"] == 90
