@@ -35,6 +35,7 @@ from fct import retrieval
 from fct.curve_grid import _Fallback, fast_curve_points
 from fct.errors import FCTError
 from fct.flips import flip_rates
+from fct.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def curve_orders(n: int, seed: int, own: tuple[str, Any] | None = None) -> dict[
     """The backfilling orders of ``n`` gallery items: ``random`` (from the run's ``seed``
     only, so every method of a run backfills the same items in the same order), and the
     method's own ``(name, order)`` when it has one (checked to be a permutation)."""
-    orders = {RANDOM: random_order(n, seed)}
+    orders = {RANDOM: random_order(n, derive_seed("curves", seed))}
     if own is not None:
         name, order = own
         if name == RANDOM:
