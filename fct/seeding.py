@@ -18,11 +18,8 @@ from fct.hashing import config_hash
 _MAX = 2**63 - 1
 
 
-def _from_hash(table: str, seed: int, parts: tuple, modulo: bool) -> int:
-    value = int(
-        config_hash({table: list(parts) if table != "method" else parts[0], "seed": seed}), 16
-    )
-    return value % _MAX if modulo else value
+def _from_hash(table: str, value: object, seed: int) -> int:
+    return int(config_hash({table: value, "seed": seed}), 16)
 
 
 #: Every random stream of a run, by name: what it seeds, and the formula of its seed from the
@@ -47,11 +44,12 @@ def derive_seed(stream: str, seed: int, *parts) -> int:
     each stream keeps the formula it was introduced with, so records stay reproducible.
     """
     if stream == "init":
-        return _from_hash("init", seed, parts, modulo=False)
+        return _from_hash("init", list(parts), seed)
     if stream == "fastfill-init":
-        return _from_hash("fastfill", seed, parts, modulo=False)
+        return _from_hash("fastfill", list(parts), seed)
     if stream == "method":
-        return _from_hash("method", seed, parts, modulo=True)
+        (name,) = parts
+        return _from_hash("method", name, seed) % _MAX
     if stream == "epoch":
         (epoch,) = parts
         return (seed * 1_000_003 + epoch * 7919) % _MAX

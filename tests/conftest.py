@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Every end-to-end test (tests/e2e/: whole runs, subprocesses, torchrun, crash loops) is
     ``slow``: ``pytest -m "not slow"`` is the inner loop of unit tests."""
     for item in items:
-        if Path(str(item.fspath)).is_relative_to(E2E):
+        if item.path.is_relative_to(E2E):
             item.add_marker(pytest.mark.slow)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, fct_command, fct_env
+from conftest import ROOT, fct_command, fct_env, run_fct
 from safetensors.torch import load_file
 
 from fct.distributed import torchrun_command
@@ -122,14 +122,7 @@ def test_second_run_under_torchrun_reads_the_cache_and_skips(tmp_path, clean_tin
     single_out, single_cache, _ = clean_tiny
     out = tmp_path / "out"
     args = ["run", "tiny", "--out", str(out), "--cache", str(single_cache), "--device", "cpu"]
-    proc = subprocess.run(
-        fct_command(*args, "--nproc", "2"),
-        cwd=tmp_path,
-        env=fct_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_fct(*args, "--nproc", "2", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "training " not in proc.stderr  # every artifact came from the cache
     for path in sorted((single_out / "runs").glob("*/*.json")):
@@ -149,14 +142,7 @@ def test_second_run_under_torchrun_reads_the_cache_and_skips(tmp_path, clean_tin
     ],
 )
 def test_bad_scale_out_options_are_one_line(tmp_path, option, message):
-    proc = subprocess.run(
-        fct_command("run", "tiny", *option, "--out", str(tmp_path / "o")),
-        cwd=tmp_path,
-        env=fct_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_fct("run", "tiny", *option, "--out", str(tmp_path / "o"), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
     assert proc.stderr.strip().startswith(message)
@@ -287,14 +273,7 @@ def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_ti
         out = tmp_path / f"out{nproc}"
         args = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
         args += [x for k in keys for x in ("--set", k)] + ["--methods", "independent,fct"]
-        proc = subprocess.run(
-            fct_command(*args, "--nproc", nproc),
-            cwd=tmp_path,
-            env=fct_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_fct(*args, "--nproc", nproc, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "training " not in proc.stderr  # the models came from the cache
         outs[nproc] = out
