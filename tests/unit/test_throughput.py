@@ -60,7 +60,9 @@ def check_record(record: dict) -> None:
 
 def test_measure_quick_returns_every_key():
     threads = torch.get_num_threads()
-    result = measure(TINY, "cpu", "float32", batches=[1024], quick=True, budget_s=0.1, threads=1)
+    # A budget for the 30 interleaved rounds: medians of 3 sub-millisecond rounds can land on a
+    # neighbour's burst (another test worker) for one variant and not the other.
+    result = measure(TINY, "cpu", "float32", batches=[1024], quick=True, budget_s=1.0, threads=1)
     assert set(result) >= {"configurations", "provenance"}
     assert result["provenance"]["torch"] and result["provenance"]["device"].startswith("cpu")
     (record,) = result["configurations"]
@@ -79,7 +81,7 @@ def test_cli_bench_transformation_prints_json(capsys, monkeypatch, tmp_path):
     # The real quickstart sizes would time a real backbone; the wiring is what is tested.
     monkeypatch.setitem(throughput.SIZES, "quickstart", TINY)
     argv = ["bench", "transformation", "--quick", "--json", "--sizes", "quickstart"]
-    argv += ["--batches", "1024", "--budget", "0.1", "--threads", "1", "--out", str(tmp_path)]
+    argv += ["--batches", "1024", "--budget", "1", "--threads", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     (record,) = out["configurations"]
