@@ -173,7 +173,7 @@ def test_fastfill_backfills_by_decreasing_uncertainty(tiny_new) -> None:
     assert recs["fastfill"]["curves"]["uncertainty"][1] == pytest.approx(point["mAP"], abs=1e-3)
 
 
-def test_curves_report_plot_reads_records(tiny_new) -> None:
+def test_smoke_curves_plot_in_the_report(tiny_new) -> None:
     out, _, _ = tiny_new
     html = (out / "index.html").read_text()
     assert "backfilling curves" in html
