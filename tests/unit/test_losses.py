@@ -132,6 +132,32 @@ def test_margin_losses_normalise_and_apply_margin():
     )
 
 
+def test_margin_losses_defaults_are_the_suites_defaults():
+    """The functions' defaults are the registered losses' (CosFace s=30, m=0.35; ArcFace
+    s=30, m=0.5): the same value whichever way a loss is called."""
+    embedding = torch.tensor([[3.0, 3.0 * math.sqrt(3)], [1.0, -2.0]])
+    weight = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1])
+    for fn, name, s, m in (
+        (cosface_loss, "cosface", 30.0, 0.35),
+        (arcface_loss, "arcface", 30.0, 0.5),
+    ):
+        explicit = fn(embedding, weight, labels, s, m)
+        assert fn(embedding, weight, labels).item() == pytest.approx(explicit.item(), rel=1e-6)
+        made = make_loss(name)(embedding, None, labels, weight)
+        assert made.item() == pytest.approx(explicit.item(), rel=1e-6)
+
+
+def test_arcface_gradient_is_finite_at_the_poles():
+    """An embedding exactly on (or opposite to) its class row: cos = +-1, where sin = sqrt(1 -
+    cos^2) has an infinite derivative; the clamp keeps the gradient finite."""
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for row in ([1.0, 0.0], [-1.0, 0.0]):
+        embedding = torch.tensor([row], requires_grad=True)
+        arcface_loss(embedding, weight, torch.tensor([0])).backward()
+        assert torch.isfinite(embedding.grad).all(), row
+
+
 # ------------------------------------------------------------------------------ supcon
 
 
