@@ -158,6 +158,41 @@ def test_arcface_gradient_is_finite_at_the_poles():
         assert torch.isfinite(embedding.grad).all(), row
 
 
+def test_arcface_past_pi_uses_the_monotonic_fallback():
+    """theta + m > pi: the target logit is cos(theta) - m sin(m) (InsightFace's fallback), not
+    cos(theta + m), which would rise again. Embedding at 170 degrees from class 0, m = 0.5."""
+    theta = math.radians(170)
+    embedding = torch.tensor([[math.cos(theta), math.sin(theta)]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    s, m = 30.0, 0.5
+    target = math.cos(theta) - m * math.sin(m)
+    other = math.sin(theta)  # cosine to class 1
+    expected = -s * target + math.log(math.exp(s * target) + math.exp(s * other))
+    got = arcface_loss(embedding, weight, torch.tensor([0]), s, m).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosface_margin_in_the_inputs_precision():
+    """float64 in, float64 arithmetic throughout (the one-hot margin is not rounded to float32)."""
+    embedding = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    s, m = 30.0, 0.35
+    a, b = s * (0.6 - m), s * 0.8
+    expected = -a + math.log(math.exp(a) + math.exp(b))
+    got = cosface_loss(embedding, weight, torch.tensor([0]), s, m).item()
+    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_nt_xent_default_temperature_and_shape_error():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    assert nt_xent(z1, z2).item() == pytest.approx(nt_xent(z1, z2, 0.1).item(), rel=1e-6)
+    with pytest.raises(FCTError, match=r"got \(4, 3\) and \(2, 3\)"):
+        nt_xent(z1, z2[:2])
+    with pytest.raises(FCTError, match="equal shape"):
+        nt_xent(z1[0], z2[0])
+
+
 # ------------------------------------------------------------------------------ supcon
 
 
