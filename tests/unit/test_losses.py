@@ -193,6 +193,21 @@ def test_nt_xent_default_temperature_and_shape_error():
         nt_xent(z1[0], z2[0])
 
 
+def test_margin_losses_name_bad_shapes_and_arguments():
+    w = torch.randn(4, 2)
+    for fn in (cosface_loss, arcface_loss):
+        with pytest.raises(FCTError, match=r"^cosine-margin losses expect embeddings \[N, d\]"):
+            fn(torch.randn(2), w, torch.tensor([0]))
+        with pytest.raises(FCTError, match=r"and a weight \[C, d\]$"):
+            fn(torch.randn(1, 2), torch.randn(2), torch.tensor([0]))
+        with pytest.raises(FCTError, match="^embedding size 3 does not match the classifier's 2$"):
+            fn(torch.randn(1, 3), w, torch.tensor([0]))
+    with pytest.raises(FCTError, match=r"^scale must be a number >= 0.0, got -1"):
+        make_loss("cosface", scale=-1)
+    with pytest.raises(FCTError, match="^scale must be > 0, got 0"):
+        make_loss("arcface", scale=0)
+
+
 # ------------------------------------------------------------------------------ supcon
 
 
@@ -204,6 +219,13 @@ def test_supcon_matches_naive_loop():
     assert got.item() == pytest.approx(naive_supcon(embedding, labels, 0.1), rel=1e-5)
     via_registry = make_loss("supcon", temperature=0.1)(embedding, None, labels, None)
     torch.testing.assert_close(via_registry, got)
+
+
+def test_supcon_default_temperature_is_the_papers():
+    g = torch.Generator().manual_seed(0)
+    e, y = torch.randn(6, 3, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
+    assert supcon_loss(e, y).item() == pytest.approx(supcon_loss(e, y, 0.1).item(), rel=1e-6)
+    assert supcon_loss(e, y).item() != pytest.approx(supcon_loss(e, y, 1.1).item(), rel=1e-3)
 
 
 def test_supcon_without_positive_pairs_is_zero():
