@@ -208,6 +208,21 @@ def test_margin_losses_name_bad_shapes_and_arguments():
         make_loss("arcface", scale=0)
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1.0, r"^smoothing must be a number in \[0.0, 1.0\), got 1.0$"),
+        (-0.1, r"^smoothing must be a number in \[0.0, 1.0\), got -0.1$"),
+        (False, r"^smoothing must be a number in \[0.0, 1.0\), got False$"),
+        ("0.1", r"^smoothing must be a number in \[0.0, 1.0\), got '0.1'$"),
+    ],
+)
+def test_ce_smoothing_range_is_checked_in_one_line(value, message):
+    with pytest.raises(FCTError, match=message):
+        make_loss("ce", smoothing=value)
+    assert make_loss("ce", smoothing=0.0) is not None  # closed at 0
+
+
 # ------------------------------------------------------------------------------ supcon
 
 
