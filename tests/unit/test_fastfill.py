@@ -4,13 +4,15 @@ labels a transformation loss gets."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from fct.builders import accepts_labels
-from fct.methods.fastfill import UncertainTransformation, fastfill_loss
+from fct.errors import FCTError
+from fct.methods.fastfill import UncertainTransformation, classifier_logits, fastfill_loss
 
 
 def test_fastfill_loss_by_hand() -> None:
@@ -57,3 +59,35 @@ def test_transformation_losses_get_labels_only_when_they_ask() -> None:
     assert accepts_labels(lambda h, o, s, t, labels=None: 0)
     assert accepts_labels(lambda h, o, s, t, **kw: 0)
     assert not accepts_labels(lambda h, o, s, t: 0)
+
+
+def test_fastfill_loss_defaults_and_shape_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g)
+    sigma, logits = torch.randn(3, generator=g), torch.randn(3, 4, generator=g)
+    labels = torch.tensor([0, 3, 1])
+    smoothed = fastfill_loss(pred, sigma, target, logits, labels, smoothing=0.1)
+    assert fastfill_loss(pred, sigma, target, logits, labels).item() == pytest.approx(
+        smoothed.item(), rel=1e-6
+    )  # the paper's label smoothing, 0.1
+    with pytest.raises(
+        FCTError, match=r"^h's output \(3, 2\) does not match the new embeddings \(3, 5\)$"
+    ):
+        fastfill_loss(pred, sigma, torch.randn(3, 5), None, None)
+
+
+def test_classifier_logits_as_the_new_model_was_trained_to_read_them() -> None:
+    """A linear classifier for cross-entropy; scale * cosine for CosFace / ArcFace (their rows
+    are class centres on the sphere), at the loss's scale (30 unless the suite sets one)."""
+    emb = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    ce = SimpleNamespace(loss="ce", loss_args=())
+    assert classifier_logits(ce, weight, emb).tolist() == [[3.0, 8.0, 7.0], [0.0, 4.0, 2.0]]
+    r = 1 / math.sqrt(2)
+    cosines = [[0.6, 0.8, 1.4 * r], [0.0, 1.0, r]]
+    for loss in ("cosface", "arcface"):
+        for args, scale in (((), 30.0), ((("scale", 10.0), ("margin", 0.2)), 10.0)):
+            spec = SimpleNamespace(loss=loss, loss_args=args)
+            got = classifier_logits(spec, weight, emb)
+            expected = torch.tensor(cosines) * scale
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -39,17 +39,63 @@ def write(path: Path, obj) -> Path:
 def test_a_record_is_current_only_with_its_hash_and_its_source(tmp_path, caplog):
     rec = write(tmp_path / "bct.json", {"config_hash": "h1", "method_source": "s1"})
     caplog.set_level(logging.INFO, logger="fct.record")
+
+    def said(*args) -> str:
+        messages = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        assert len(messages) == 1, messages
+        return messages[0]
+
     assert is_current(rec, "h1", "s1", "sc / bct") is True
-    assert "up to date" in caplog.text
+    assert said() == f"sc / bct: up to date ({rec}), skipped"
     assert is_current(rec, "h1", None, "sc / bct") is True  # no source known: the hash decides
+    said()
     assert is_current(rec, "h2", "s1", "sc / bct") is False  # the config changed
-    assert "config changed" in caplog.text
+    assert said() == f"sc / bct: config changed since {rec} was written; rerunning"
     assert is_current(rec, "h1", "s2", "sc / bct") is False  # the method's file changed
-    assert "source file changed" in caplog.text
+    assert said() == (
+        f"sc / bct: the method's source file changed since {rec} was written; rerunning the "
+        "method and its evaluation (cached shared models are reused)"
+    )
     # A stale record stays where it is, to be overwritten by the rerun.
     assert rec.exists() and not rec.with_name("bct.json.corrupt").exists()
     no_hash = write(tmp_path / "old.json", {"method_source": "s1"})
     assert is_current(no_hash, "h1", "s1", "sc / old") is False
+
+
+def test_damage_is_named_in_the_log(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fct.record")
+    listed = write(tmp_path / "a.json", "[1]")
+    assert is_current(listed, "h", "s", "sc / a") is False
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{listed} is not a run record (a JSON list); rerunning it"
+    ]
+    caplog.clear()
+    broken = write(tmp_path / "b.json", "{")
+    assert is_current(broken, "h", "s", "sc / b") is False
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"{broken} is unreadable (") and message.endswith("); rerunning it")
+    assert "b.json" in message[len(str(broken)) :]  # the reason names the file again
+
+
+def test_move_aside_replaces_an_older_damaged_copy_of_any_kind(tmp_path):
+    from fct.record import move_aside
+
+    rec = write(tmp_path / "r.json", "{bad")
+    aside = tmp_path / "r.json.corrupt"
+    aside.mkdir()
+    (aside / "inner").write_text("x")
+    move_aside(rec)
+    assert aside.is_file() and aside.read_text() == "{bad" and not rec.exists()
+    # A link in the way is removed, never followed: the folder it points to survives.
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "f").write_text("kept")
+    aside.unlink()
+    aside.symlink_to(keep, target_is_directory=True)
+    write(rec, "{again")
+    move_aside(rec)
+    assert aside.read_text() == "{again" and (keep / "f").read_text() == "kept"
 
 
 @pytest.mark.parametrize(
@@ -90,6 +136,24 @@ def test_the_record_hash_covers_the_scenario_the_method_and_the_seed():
     assert record_digest(more, more.method("bct"), 0) == base
 
 
+def test_the_committed_reference_records_hashes_are_current():
+    """The house rule: results/reference's records stay valid. Their config hashes are what
+    record_digest gives today for their suite, scenario, method and seed (a change of what a
+    hash covers, or of its keys' names, would rerun every user's records)."""
+    root = Path(__file__).resolve().parents[2] / "results" / "reference"
+    checked = 0
+    for suite_dir in sorted(p for p in root.iterdir() if (p / "runs").is_dir()):
+        suite = load_suite(suite_dir.name)
+        scenarios = {sc.name: sc for sc in suite.scenarios}
+        for path in sorted((suite_dir / "runs").glob("*/*.json")):
+            rec = json.loads(path.read_text())
+            sc = scenarios[rec["scenario"]]
+            digest = record_digest(sc, sc.method(rec["method"]), rec["seed"])
+            assert digest == rec["config_hash"], path
+            checked += 1
+    assert checked >= 50
+
+
 # --- cache keys ----------------------------------------------------------------------------------------
 
 
@@ -125,6 +189,24 @@ def test_a_terms_key_names_the_old_model_and_its_settings(make):
     assert a.key()["old"] == "old-a"
     assert a.key() != b.key()
     assert config_hash(a.key()) == config_hash(make().bind(_ctx("old-a")).key())
+
+
+def test_term_keys_are_exactly_their_settings_and_the_old_model():
+    """The keys' names are part of every cached new model's key: renaming one retrains all."""
+    ctx = _ctx("d")
+    assert L2Compatibility(0.5).bind(ctx).key() == {
+        "weight": 0.5,
+        "form": "normalized-mse",
+        "old": "d",
+    }
+    assert RACTRegularizer(2.0, 0.05, 3).bind(ctx).key() == {
+        "weight": 2.0,
+        "temperature": 0.05,
+        "topk": 3,
+        "old": "d",
+    }
+    settings = BCTSettings(weight=3.0)
+    assert BCTInfluence(settings).bind(ctx).key() == {**settings.hashed(), "old": "d", "form": 2}
 
 
 def test_term_keys_follow_their_settings():
