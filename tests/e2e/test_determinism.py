@@ -29,6 +29,21 @@ def test_seeds_same_seed_same_records_other_seed_other_records(clean_tiny, tmp_p
         assert [r["seed"] for r in seeds] == [0, 1, 2]
         assert seeds[0]["cases"] != seeds[1]["cases"] != seeds[2]["cases"]
         assert seeds[0]["artifacts"] != seeds[1]["artifacts"]  # each seed trains its own models
+        for a, b in ((seeds[0], seeds[1]), (seeds[1], seeds[2]), (seeds[0], seeds[2])):
+            # Other weights, not only other cache keys: the seed reached the initialisation
+            # and the data order (normalize() keeps weights digests and curves).
+            assert set(a["artifact_weights"]) == set(b["artifact_weights"])
+            assert all(
+                a["artifact_weights"][k] != b["artifact_weights"][k] for k in a["artifact_weights"]
+            )
+            # Every metric of every case, and the interior of every backfilling curve.
+            for case in ("old/old", "new/new", "cross"):
+                assert all(a["cases"][case][k] != b["cases"][case][k] for k in ("mAP", "mAP@R"))
+            for order, curve in a["curves"].items():
+                assert curve[1:-1] != b["curves"][order][1:-1]
+    # The normalised records keep everything a rerun must reproduce (curves, weights digests).
+    some = recs["runs/half-classes/fct.json"]
+    assert {"curves", "backfill_curves", "artifact_weights", "cases", "auc"} <= set(some)
     board = (out / "leaderboard.md").read_text()
     assert "±" in board and "mean ± sample standard deviation over seeds" in board
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def test_every_method_writes_a_complete_record(tiny_run):
         for case in ("old/old", "new/new", "cross"):
             for key in ("top1", "top5", "mAP", "mAP@R"):
                 assert 0.0 <= r["cases"][case][key] <= 100.0
+            assert r["cases"][case]["top1"] <= r["cases"][case]["top5"]
             assert r["cases"][case]["n_query"] == 320
         prov = r["provenance"]
         for key in (
@@ -108,6 +110,17 @@ def test_report_files_are_written(tiny_run):
     for name in ("leaderboard.md", "leaderboard.csv", "index.html", "tables/half-classes.md"):
         assert (out / name).stat().st_size > 0
     assert "FCT" in (out / "leaderboard.md").read_text()
+    # The leaderboard holds the records' numbers, best cross mAP first.
+    recs = records(out)
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert [r["method"] for r in rows] == sorted(
+        recs, key=lambda m: -recs[m]["cases"]["cross"]["mAP"]
+    )
+    for row in rows:
+        cross = recs[row["method"]]["cases"]["cross"]
+        assert float(row["half-classes/cross_mAP"]) == pytest.approx(cross["mAP"], abs=1e-3)
+        assert float(row["half-classes/cross_top1"]) == pytest.approx(cross["top1"], abs=1e-3)
+        assert int(row["rank"]) == rows.index(row) + 1
 
 
 def test_rerun_trains_nothing_and_keeps_records(tiny_run, caplog):

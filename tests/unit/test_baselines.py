@@ -253,33 +253,6 @@ def test_cli_refuses_bad_settings_before_training(tmp_path: Path, capsys) -> Non
     assert not (tmp_path / "out").exists()
 
 
-# --- records of a real run ----------------------------------------------------------------------
-
-
-def _by_method(recs: dict[str, dict]) -> dict[str, dict]:
-    return {rec["method"]: rec for rec in recs.values()}
-
-
-def test_records_carry_cosine_cases_and_the_norm_ratio(clean_tiny) -> None:
-    recs = _by_method(clean_tiny[2])
-    for rec in recs.values():
-        assert set(rec["cases_cosine"]) == {"old/old", "new/new", "cross"}
-        assert all(c["distance"] == "cosine" for c in rec["cases_cosine"].values())
-        assert rec["diagnostics"]["cross_norm_ratio"] > 0
-        assert rec["method_config"]["base"] == rec["method"]
-    # Independent's cross case keeps the old gallery: the ratio compares new and old norms;
-    # FCT's gallery is h(old), fitted to the new embeddings' scale
-    assert abs(recs["fct"]["diagnostics"]["cross_norm_ratio"] - 1) < 0.5
-
-
-def test_bct_pushes_towards_the_old_space_end_to_end(clean_tiny) -> None:
-    recs = _by_method(clean_tiny[2])
-    bct, ind = recs["bct"]["cases"], recs["independent"]["cases"]
-    # the influence term works: BCT's queries find the old gallery's items far better than
-    # Independent's (3 epochs on tiny: 16.6 vs 6.9 mAP; a sign-flipped term gives ~0)
-    assert bct["cross"]["mAP"] > ind["cross"]["mAP"] + 5
-
-
 def test_a_plugins_settings_are_set_from_the_suite(tmp_path: Path) -> None:
     from fct.methods import load_plugin
 

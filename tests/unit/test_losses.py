@@ -132,6 +132,97 @@ def test_margin_losses_normalise_and_apply_margin():
     )
 
 
+def test_margin_losses_defaults_are_the_suites_defaults():
+    """The functions' defaults are the registered losses' (CosFace s=30, m=0.35; ArcFace
+    s=30, m=0.5): the same value whichever way a loss is called."""
+    embedding = torch.tensor([[3.0, 3.0 * math.sqrt(3)], [1.0, -2.0]])
+    weight = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1])
+    for fn, name, s, m in (
+        (cosface_loss, "cosface", 30.0, 0.35),
+        (arcface_loss, "arcface", 30.0, 0.5),
+    ):
+        explicit = fn(embedding, weight, labels, s, m)
+        assert fn(embedding, weight, labels).item() == pytest.approx(explicit.item(), rel=1e-6)
+        made = make_loss(name)(embedding, None, labels, weight)
+        assert made.item() == pytest.approx(explicit.item(), rel=1e-6)
+
+
+def test_arcface_gradient_is_finite_at_the_poles():
+    """An embedding exactly on (or opposite to) its class row: cos = +-1, where sin = sqrt(1 -
+    cos^2) has an infinite derivative; the clamp keeps the gradient finite."""
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for row in ([1.0, 0.0], [-1.0, 0.0]):
+        embedding = torch.tensor([row], requires_grad=True)
+        arcface_loss(embedding, weight, torch.tensor([0])).backward()
+        assert torch.isfinite(embedding.grad).all(), row
+
+
+def test_arcface_past_pi_uses_the_monotonic_fallback():
+    """theta + m > pi: the target logit is cos(theta) - m sin(m) (InsightFace's fallback), not
+    cos(theta + m), which would rise again. Embedding at 170 degrees from class 0, m = 0.5."""
+    theta = math.radians(170)
+    embedding = torch.tensor([[math.cos(theta), math.sin(theta)]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    s, m = 30.0, 0.5
+    target = math.cos(theta) - m * math.sin(m)
+    other = math.sin(theta)  # cosine to class 1
+    expected = -s * target + math.log(math.exp(s * target) + math.exp(s * other))
+    got = arcface_loss(embedding, weight, torch.tensor([0]), s, m).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosface_margin_in_the_inputs_precision():
+    """float64 in, float64 arithmetic throughout (the one-hot margin is not rounded to float32)."""
+    embedding = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    s, m = 30.0, 0.35
+    a, b = s * (0.6 - m), s * 0.8
+    expected = -a + math.log(math.exp(a) + math.exp(b))
+    got = cosface_loss(embedding, weight, torch.tensor([0]), s, m).item()
+    assert got == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_nt_xent_default_temperature_and_shape_error():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    assert nt_xent(z1, z2).item() == pytest.approx(nt_xent(z1, z2, 0.1).item(), rel=1e-6)
+    with pytest.raises(FCTError, match=r"got \(4, 3\) and \(2, 3\)"):
+        nt_xent(z1, z2[:2])
+    with pytest.raises(FCTError, match="equal shape"):
+        nt_xent(z1[0], z2[0])
+
+
+def test_margin_losses_name_bad_shapes_and_arguments():
+    w = torch.randn(4, 2)
+    for fn in (cosface_loss, arcface_loss):
+        with pytest.raises(FCTError, match=r"^cosine-margin losses expect embeddings \[N, d\]"):
+            fn(torch.randn(2), w, torch.tensor([0]))
+        with pytest.raises(FCTError, match=r"and a weight \[C, d\]$"):
+            fn(torch.randn(1, 2), torch.randn(2), torch.tensor([0]))
+        with pytest.raises(FCTError, match="^embedding size 3 does not match the classifier's 2$"):
+            fn(torch.randn(1, 3), w, torch.tensor([0]))
+    with pytest.raises(FCTError, match=r"^scale must be a number >= 0.0, got -1"):
+        make_loss("cosface", scale=-1)
+    with pytest.raises(FCTError, match="^scale must be > 0, got 0"):
+        make_loss("arcface", scale=0)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (1.0, r"^smoothing must be a number in \[0.0, 1.0\), got 1.0$"),
+        (-0.1, r"^smoothing must be a number in \[0.0, 1.0\), got -0.1$"),
+        (False, r"^smoothing must be a number in \[0.0, 1.0\), got False$"),
+        ("0.1", r"^smoothing must be a number in \[0.0, 1.0\), got '0.1'$"),
+    ],
+)
+def test_ce_smoothing_range_is_checked_in_one_line(value, message):
+    with pytest.raises(FCTError, match=message):
+        make_loss("ce", smoothing=value)
+    assert make_loss("ce", smoothing=0.0) is not None  # closed at 0
+
+
 # ------------------------------------------------------------------------------ supcon
 
 
@@ -143,6 +234,13 @@ def test_supcon_matches_naive_loop():
     assert got.item() == pytest.approx(naive_supcon(embedding, labels, 0.1), rel=1e-5)
     via_registry = make_loss("supcon", temperature=0.1)(embedding, None, labels, None)
     torch.testing.assert_close(via_registry, got)
+
+
+def test_supcon_default_temperature_is_the_papers():
+    g = torch.Generator().manual_seed(0)
+    e, y = torch.randn(6, 3, generator=g), torch.tensor([0, 0, 1, 1, 2, 2])
+    assert supcon_loss(e, y).item() == pytest.approx(supcon_loss(e, y, 0.1).item(), rel=1e-6)
+    assert supcon_loss(e, y).item() != pytest.approx(supcon_loss(e, y, 1.1).item(), rel=1e-3)
 
 
 def test_supcon_without_positive_pairs_is_zero():
