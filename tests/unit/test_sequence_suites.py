@@ -118,3 +118,18 @@ def test_pair_scenarios_and_bct_keep_their_hashes():
     first = METHODS.get("bct")(METHODS.get("bct").Settings(anchor="first"))
     assert first.hash_config()["settings"]["anchor"] == "first"
     assert first.sequence_anchor() == "first" and bct.sequence_anchor() == "previous"
+
+
+def test_smoke_and_global_batch_shrink_every_generation():
+    from fct.suite_variants import smoke, with_global_batch
+
+    suite = load_suite("quickstart")
+    sc = next(s for s in suite.scenarios if s.is_sequence)
+    small = smoke(sc)
+    assert [m.epochs for m in small.models] == [1, 1, 1]
+    assert small.old == small.models[0] and small.new == small.models[-1]
+    ends = [m.classes[1] for m in small.models]
+    assert ends == sorted(set(ends)) and ends[-1] == 10  # still growing, onto 10 classes
+    big = next(s for s in with_global_batch(suite, 512).scenarios if s.is_sequence)
+    assert {m.batch_size for m in big.models} == {512}
+    assert big.old == big.models[0] and big.new == big.models[-1]
