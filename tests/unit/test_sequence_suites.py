@@ -133,3 +133,22 @@ def test_smoke_and_global_batch_shrink_every_generation():
     big = next(s for s in with_global_batch(suite, 512).scenarios if s.is_sequence)
     assert {m.batch_size for m in big.models} == {512}
     assert big.old == big.models[0] and big.new == big.models[-1]
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["independent", "bct", "fct", "fct_side", "fastfill", "fastfill_side", "ract", "l2_bct"],
+)
+def test_every_built_in_method_accepts_a_same_size_sequence(method):
+    # Each deploys by the chain's rules: a transformation (carried update by update), or
+    # the gallery as stored with the new model trained against the method's previous one.
+    sc = parse(
+        f"""
+[[scenario]]
+name = "seq"
+kinds = ["sequence"]
+methods = ["{method}"]
+models = [{{ classes = [0, 4] }}, {{ classes = [0, 7] }}, {{}}]
+"""
+    ).scenarios[0]
+    check_sequence(sc, sc.method(method))
