@@ -147,6 +147,10 @@ def test_report_has_heatmaps_table_and_columns(seq_run):
         assert float(rows[m][f"{SCENARIO}/seq_AC"]) == pytest.approx(rec["sequence"]["AC"])
         assert float(rows[m][f"{SCENARIO}/seq_mean_mAP"]) == pytest.approx(rec["sequence"]["mean"])
     assert "compatibility matrix" in (out / "index.html").read_text()
+    assert (
+        "- generation 1: synthetic, classes \\[0, 12\\]"
+        in (out / "tables" / f"{SCENARIO}.md").read_text()
+    )
 
 
 def test_a_two_model_sequence_is_refused_before_training(tmp_path):
