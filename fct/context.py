@@ -62,7 +62,8 @@ class Context:
     """Everything a method may use for one scenario; every artifact goes through the cache.
 
     ``Context(scenario, cache, device=..., seed=...)`` makes a session of its own; the runner
-    passes ``session=`` instead, shared by every scenario of the run.
+    passes ``session=`` instead, shared by every scenario of the run. ``old=`` hands it a
+    trained old model instead of training ``scenario.old`` (its spec must be that one).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Context:
         sync_bn: bool = False,
         *,
         session: Session | None = None,
+        old: Trained | None = None,
     ) -> None:
         if session is None:
             if cache is None:
@@ -92,8 +94,17 @@ class Context:
             )
         elif cache is not None or device is not None:
             raise TypeError("pass either a session or the cache and device, not both")
+        if old is not None and old.spec != scenario.old:
+            raise ValueError(
+                f"the old model handed to the Context was trained from another spec than "
+                f"scenario '{scenario.name}''s old one"
+            )
         self.scenario = scenario
         self.session = session
+        #: The old model when the caller hands it in (a sequence's previous deployed model,
+        #: e.g. BCT's own model of the step before; fct.sequence), else None: trained from
+        #: ``scenario.old``. Everything built from it keys on its digest, as on any old model.
+        self.old_override = old
         #: What is computed once per scenario: models, embeddings, and what the runner keeps
         #: between the scenario's methods (the old/old evaluation, the kNN log line).
         self.memo = Memo()
@@ -133,7 +144,10 @@ class Context:
     # --- models ---------------------------------------------------------------------------
 
     def old_model(self) -> Trained:
-        """The old model φ_old, trained on the old data with the old loss."""
+        """The old model φ_old, trained on the old data with the old loss (or the model the
+        Context was handed as ``old``)."""
+        if self.old_override is not None:
+            return self.old_override
         spec = self.scenario.old
         return self.memo.get_or_build(("model", spec), lambda: self._backbone(spec))
 

@@ -189,6 +189,7 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
     _validate_shown(rec, path)
     _validate_artifacts(rec, path)
     _validate_notes(rec, path)
+    _validate_sequence(rec, path)
     return rec
 
 
@@ -314,3 +315,66 @@ def _validate_curves(rec: dict[str, Any], path: Path) -> None:
             if not ok:
                 want = "a number" if key == "auc" else "a non-empty list of numbers"
                 raise FCTError(f"{path}: key '{key}.{order}' must be {want}; {_hint(rec)}")
+
+
+#: The metrics of a sequence record's compatibility matrix.
+SEQUENCE_METRICS = ("top1", "mAP")
+
+
+def _validate_sequence(rec: dict[str, Any], path: Path) -> None:
+    """The optional ``sequence`` of a sequence scenario's record (fct.sequence): a square
+    ``matrix`` per metric with numbers on and below the diagonal and null above it, ``AC``
+    in [0, 1], ``BC``, ``FC``, ``mean`` numbers, ``models`` a list with one entry per row,
+    ``direct`` null or an object of numbers."""
+    seq = _optional(rec, path, "sequence", "dict")
+    if seq is None:
+        return
+    n = None
+    for metric in SEQUENCE_METRICS:
+        rows = _require(rec, path, f"sequence.matrix.{metric}", "list")
+        size = len(rows)
+        if n is None:
+            n = size
+        bad = size < 2 or size != n or not all(isinstance(r, list) and len(r) == n for r in rows)
+        if not bad:
+            bad = any(
+                (v is not None) if j > i else not _is_kind(v, "number")
+                for i, row in enumerate(rows)
+                for j, v in enumerate(row)
+            )
+        if bad:
+            raise FCTError(
+                f"{path}: key 'sequence.matrix.{metric}' must be a square list of rows (as many "
+                "as the other metric's), numbers on and below the diagonal, null above; "
+                f"{_hint(rec)}"
+            )
+    for key in ("AC", "BC", "FC", "mean"):
+        _require(rec, path, f"sequence.{key}", "number|null")
+    if seq["AC"] is not None and not 0 <= seq["AC"] <= 1:
+        raise FCTError(
+            f"{path}: key 'sequence.AC' must be in [0, 1], got {seq['AC']}; {_hint(rec)}"
+        )
+    models = _require(rec, path, "sequence.models", "list")
+    if len(models) != n:
+        raise FCTError(
+            f"{path}: key 'sequence.models' has {len(models)} entries for a {n}x{n} matrix; "
+            f"{_hint(rec)}"
+        )
+    steps = _optional(rec, path, "sequence.steps", "list") or []
+    if len(steps) not in (0, n - 1) or not all(isinstance(s, dict) for s in steps):
+        raise FCTError(
+            f"{path}: key 'sequence.steps' must hold one object per update ({n - 1} for "
+            f"{n} models); {_hint(rec)}"
+        )
+    for k, step in enumerate(steps):
+        for key in ("nfr", "pfr"):
+            value = step.get(key)
+            if value is not None and not (_is_kind(value, "number") and 0 <= value <= 100):
+                raise FCTError(
+                    f"{path}: key 'sequence.steps' entry {k}: '{key}' must be a percentage "
+                    f"in [0, 100] or null, got {_shown(value)}; {_hint(rec)}"
+                )
+    direct = _optional(rec, path, "sequence.direct", "dict")
+    if direct is not None:
+        for metric in SEQUENCE_METRICS:
+            _optional(rec, path, f"sequence.direct.{metric}", "number")

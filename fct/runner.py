@@ -33,6 +33,7 @@ from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
 from fct.scenarios import Scenario, Suite, config_hash
 from fct.seeding import derive_seed
+from fct.sequence import check_sequence, run_sequence
 from fct.session import Role, Session
 
 log = logging.getLogger(__name__)
@@ -284,13 +285,22 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     # fixed by (method, seed); the cache never advances it (fct.train.isolated_rng), so a rerun
     # after a crash, which loads what the first run trained, draws exactly the same numbers.
     torch.manual_seed(derive_seed("method", opts.seed, method_name))
-    dep = method.fit(ctx)
-    evaluated = evaluate_deployment(ctx, dep)
-    if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
-        return path
-    cases, costs, curves = evaluated
-    used = _used_artifacts(ctx, dep)
-    shared = ctx.shared_digests()
+    extra: dict[str, Any] = {}
+    if sc.is_sequence:  # a chain of updates: fct.sequence deploys and evaluates it
+        outcome = run_sequence(ctx.session, sc, method, opts.seed, knn_options(ctx))
+        if outcome is None:  # a rank other than 0
+            return path
+        cases, costs, curves = outcome.cases, outcome.costs, {}
+        used, shared, roles, notes = outcome.used, outcome.shared, outcome.roles, outcome.notes
+        extra["sequence"] = outcome.sequence
+    else:
+        dep = method.fit(ctx)
+        evaluated = evaluate_deployment(ctx, dep)
+        if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
+            return path
+        cases, costs, curves = evaluated
+        used, shared = _used_artifacts(ctx, dep), ctx.shared_digests()
+        roles, notes = _model_roles(ctx, dep), dep.notes
     own = sum(a.train_seconds for a in used.values() if a.digest not in shared)
     costs["train_seconds"] = round(sum(a.train_seconds for a in used.values()), 2)
     costs["train_seconds_method"] = round(own, 2)
@@ -312,12 +322,13 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         **curves,  # curves, auc, backfill_curves (fct.curves); cases_cosine, diagnostics
         artifacts={name: a.digest for name, a in used.items()},
         artifact_weights={name: a.entry.weights_digest() for name, a in used.items()},
-        models=_model_roles(ctx, dep),
-        notes=json.loads(json.dumps(dep.notes, default=str)),  # Deployment.notes
+        models=roles,
+        notes=json.loads(json.dumps(notes, default=str)),  # Deployment.notes
         provenance={
             **provenance(str(ctx.device), opts.seed, wall),
             "world_size": distributed.world(),
         },
+        extra=extra,  # "sequence" (fct.sequence) for a sequence scenario
     )
     record.write(path)
     c = cases["cross"]
@@ -379,10 +390,11 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
     for m in methods:
         method = sc.method(m)  # an unknown name raises, with "did you mean"
         try:
-            method.check(sc)
+            check_sequence(sc, method) if sc.is_sequence else method.check(sc)
         except FCTError as e:
             refused[m] = str(e)
     roles = [("old", sc.old), ("new", sc.new), ("side", sc.side), ("eval", sc.eval)]
+    roles += [(f"models[{k}]", spec) for k, spec in enumerate(sc.models)]
     for role, spec in roles:
         if spec is None:
             continue

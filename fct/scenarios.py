@@ -38,11 +38,19 @@ from fct.suite_checks import (  # noqa: F401  (parse_set: re-exported)
     _validate_scenario,
     apply_set_paths,
     check_name,
+    check_sequence_entry,
     parse_set,  # noqa: F401  (ARCH_ARGS, NAME_MAX: re-exported)
 )
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-KINDS = ("class-subset", "cross-dataset", "cross-loss", "cross-architecture", "cross-dimension")
+KINDS = (
+    "class-subset",
+    "cross-dataset",
+    "cross-loss",
+    "cross-architecture",
+    "cross-dimension",
+    "sequence",
+)
 
 
 @dataclass(frozen=True)
@@ -175,13 +183,24 @@ class Scenario:
     kinds: tuple[str, ...] = ()
     description: str = ""
     paper: bool = False  # paper-faithful settings: reports show published numbers beside ours
+    #: A sequence scenario's model generations, oldest first (three or more; fct.sequence);
+    #: ``old`` is then the first and ``new`` the last. Empty for an old/new pair.
+    models: tuple[ModelSpec, ...] = ()
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for a sequence of model updates (kind ``sequence``), False for a pair."""
+        return bool(self.models)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the scenario (stored in every run record); each method's
-        settings are in its own record's ``method_config``, not here."""
+        settings are in its own record's ``method_config``, not here. A pair has no
+        ``models`` key (so the hashes of pair scenarios are what they always were)."""
         out = _plain(self)
         del out["method_specs"]
         out["eval"] = self.eval.as_dict()  # its optional keys only when set
+        if not self.models:
+            del out["models"]
         return out
 
     def results_key(self) -> dict[str, Any]:
@@ -238,7 +257,7 @@ class Suite:
 _SECTIONS = {"suite", "defaults", "scenario", "methods"}
 _SUITE_KEYS = {"name", "description", "methods"}
 _DEFAULT_KEYS = {"model", "old", "new", "side", "transformation", "eval", "methods", "paper"}
-_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info", "settings"}
+_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info", "settings", "models"}
 
 
 def _build(cls: type, merged: dict, where: str) -> Any:
@@ -413,6 +432,12 @@ def _parse_scenario(
     where = f"{path} scenario '{sname}'"
     for key in ("model", "old", "new", "side", "transformation", "eval", "settings"):
         _table(entry, key, where)
+    kinds = _string_list(entry.get("kinds", []), "kinds", where)
+    for k in kinds:
+        if k not in KINDS:
+            raise FCTError(
+                f"{where}: unknown kind '{k}'{did_you_mean(k, KINDS)}; choose from {', '.join(KINDS)}"
+            )
     specs = {}
     for role in ("old", "new", "side"):
         merged = _merge(
@@ -421,6 +446,9 @@ def _parse_scenario(
         if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
             merged["loss"] = "simclr"  # side-information is self-supervised unless told otherwise
         specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
+    generations = _generations(entry, defaults, kinds, where)
+    if generations:  # a sequence: old is the first generation, new the last
+        specs["old"], specs["new"] = generations[0], generations[-1]
     use_side = entry.get("side_info", True)
     if not isinstance(use_side, bool):
         raise FCTError(f"{where}: side_info must be true or false, got {use_side!r}")
@@ -446,12 +474,6 @@ def _parse_scenario(
                 "their record files would be one file on some file systems, rename one"
             )
         folded[m.lower()] = m
-    kinds = _string_list(entry.get("kinds", []), "kinds", where)
-    for k in kinds:
-        if k not in KINDS:
-            raise FCTError(
-                f"{where}: unknown kind '{k}'{did_you_mean(k, KINDS)}; choose from {', '.join(KINDS)}"
-            )
     description = entry.get("description", "")
     if not isinstance(description, str):
         raise FCTError(f"{where}: description must be a string")
@@ -477,9 +499,26 @@ def _parse_scenario(
         kinds=kinds,
         description=description,
         paper=paper,
+        models=generations,
     )
     _validate_scenario(sc, where)
     return sc
+
+
+def _generations(
+    entry: dict, defaults: dict, kinds: tuple[str, ...], where: str
+) -> tuple[ModelSpec, ...]:
+    """A sequence scenario's model generations: each ``models`` entry merged over
+    ``defaults.model`` and the scenario's ``model`` table (empty for a pair scenario)."""
+    check_sequence_entry(entry, kinds, where)
+    return tuple(
+        _build(
+            ModelSpec,
+            _merge(defaults.get("model"), entry.get("model"), generation),
+            f"{where} models[{k}]",
+        )
+        for k, generation in enumerate(entry.get("models", []))
+    )
 
 
 def suite_folders(suites_dir: Path | None = None) -> list[Path]:

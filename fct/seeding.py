@@ -29,6 +29,7 @@ STREAMS: dict[str, str] = {
     "init": "a module's initial weights; parts: what the module is (its spec, its sizes)",
     "fastfill-init": "FastFill's h with its uncertainty head; parts: spec dict, d_old, d_new, d_side",
     "method": "a method's own draws in fit(); parts: the method's run name",
+    "sequence-step": "a method's draws in one update of a sequence; parts: run name, step",
     "epoch": "torch's stream during a training epoch (dropout, lazily built parts); parts: epoch",
     "shuffle": "the order of a loader's items in an epoch; parts: epoch",
     "augment": "a loader's augmentation draws in an epoch (apart from its order); parts: epoch",
@@ -50,6 +51,9 @@ def derive_seed(stream: str, seed: int, *parts) -> int:
     if stream == "method":
         (name,) = parts
         return _from_hash("method", name, seed) % _MAX
+    if stream == "sequence-step":
+        name, step = parts
+        return int(config_hash({"method": name, "seed": seed, "step": step}), 16) % _MAX
     if stream == "epoch":
         (epoch,) = parts
         return (seed * 1_000_003 + epoch * 7919) % _MAX

@@ -251,9 +251,50 @@ def _table(doc: dict, key: str, where: str) -> dict:
     return value
 
 
+#: The most model generations a sequence scenario may have (every one is trained).
+SEQUENCE_MAX = 32
+
+
+def check_sequence_entry(entry: dict, kinds: tuple[str, ...], where: str) -> None:
+    """A ``[[scenario]]`` entry's ``models`` list against its kinds: a list of three or more
+    model tables exactly when the scenario is of kind ``sequence``, and then no ``old`` or
+    ``new`` table (each generation is a ``models`` entry)."""
+    models = entry.get("models")
+    if "sequence" not in kinds:
+        if models is not None:
+            raise FCTError(
+                f"{where}: 'models' (a list of model generations) is for sequence scenarios; "
+                'add "sequence" to kinds, or use old/new tables for a pair'
+            )
+        return
+    if models is None:
+        raise FCTError(
+            f"{where}: a sequence scenario needs models = [{{...}}, {{...}}, {{...}}], three or "
+            "more model generations, oldest first"
+        )
+    if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
+        raise FCTError(
+            f"{where}: models must be a list of model tables, e.g. "
+            f"models = [{{ classes = [0, 4] }}, {{ classes = [0, 7] }}, {{}}], got {models!r}"[:300]
+        )
+    if not 3 <= len(models) <= SEQUENCE_MAX:
+        raise FCTError(
+            f"{where}: a sequence needs 3 to {SEQUENCE_MAX} model generations, got {len(models)}; "
+            "for a single update use old/new tables without kind 'sequence'"
+        )
+    for role in ("old", "new"):
+        if role in entry:
+            raise FCTError(
+                f"{where}: a sequence scenario takes no [{role}] table; set each generation in "
+                "models = [...] (keys they share in model = {...})"
+            )
+
+
 def _validate_scenario(sc: Scenario, where: str) -> None:
     _validate_model(sc.old, f"{where} [old]", side=False)
     _validate_model(sc.new, f"{where} [new]", side=False)
+    for k, spec in enumerate(sc.models):
+        _validate_model(spec, f"{where} models[{k}]", side=False)
     if sc.side is not None:
         _validate_model(sc.side, f"{where} [side]", side=True)
     if sc.eval.distance not in ("l2", "cosine"):

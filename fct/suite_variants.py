@@ -34,7 +34,7 @@ def smoke(sc: Scenario) -> Scenario:
     split keeps 4 items per class, images are at most 32 px (with the architecture's own stem,
     not the small-image one, to stay cheap), models train 1 epoch and h 2 epochs.
     """
-    specs = [sc.old, sc.new, sc.eval] + ([sc.side] if sc.side else [])
+    specs = [sc.old, sc.new, sc.eval, *sc.models] + ([sc.side] if sc.side else [])
     ends = [s.classes[1] for s in specs if s.classes]
     total = max(ends, default=SMOKE_CLASSES)
     if ends and any(s.classes is None for s in (sc.new, sc.eval)):
@@ -59,6 +59,7 @@ def smoke(sc: Scenario) -> Scenario:
         old=model(sc.old),
         new=model(sc.new),
         side=model(sc.side) if sc.side else None,
+        models=tuple(model(m) for m in sc.models),  # a sequence's generations
         transformation=dataclasses.replace(
             sc.transformation,
             epochs=2,
@@ -95,7 +96,11 @@ def with_global_batch(suite: Suite, batch: int) -> Suite:
 
     scenarios = tuple(
         dataclasses.replace(
-            sc, old=model(sc.old), new=model(sc.new), side=model(sc.side) if sc.side else None
+            sc,
+            old=model(sc.old),
+            new=model(sc.new),
+            side=model(sc.side) if sc.side else None,
+            models=tuple(model(m) for m in sc.models),
         )
         for sc in suite.scenarios
     )

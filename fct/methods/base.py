@@ -201,6 +201,12 @@ class Method:
         cannot handle). The runner calls it for every scenario before anything trains, so a
         mistake costs seconds, not a finished training; the default accepts everything."""
 
+    def sequence_anchor(self) -> str:
+        """In a sequence scenario (fct.sequence), the old model of each update: ``"previous"``,
+        the model this method deployed at the step before (the default), or ``"first"``, the
+        first generation's model (BCT's ``anchor = "first"``, the CL2R-style variant)."""
+        return "previous"
+
     def fit(self, ctx: Context) -> Deployment:
         """Build (through ``ctx``, which caches everything) and return the deployment."""
         raise NotImplementedError(f"{type(self).__name__}.fit")

@@ -53,6 +53,10 @@ class BCTSettings(Settings):
     # writes both terms with the same L (cross-entropy at the old model's smoothing, or its
     # CosFace/ArcFace margin form). A number overrides it (cross-entropy old models only).
     smoothing: float | None = None
+    # In a sequence scenario (fct.sequence), the model each new generation is constrained by:
+    # "previous", BCT's own model of the step before (the deployed chain); "first", the first
+    # model, as the CL2R-style variant (Biondi et al. 2023). No effect on an old/new pair.
+    anchor: Literal["previous", "first"] = "previous"
 
     def validate(self) -> None:
         """weight >= 0 and smoothing in [0, 1)."""
@@ -60,6 +64,14 @@ class BCTSettings(Settings):
             raise FCTError(f"setting 'weight' must be >= 0, got {self.weight}")
         if self.smoothing is not None and not 0 <= self.smoothing < 1:
             raise FCTError(f"setting 'smoothing' must be in [0, 1), got {self.smoothing}")
+
+    def hashed(self) -> dict:
+        """The hashed settings; ``anchor`` only when it is not the default, so records made
+        before it existed keep their hashes (it changes nothing outside a sequence)."""
+        out = super().hashed()
+        if out["anchor"] == "previous":
+            del out["anchor"]
+        return out
 
 
 class BCTInfluence:
@@ -76,7 +88,9 @@ class BCTInfluence:
 
     def key(self) -> dict:
         """The settings that shape the term (not the label) and the old model's digest."""
-        return {**self.settings.hashed(), "old": self._old_digest, "form": 2}
+        # Not the anchor: it chooses the old model, whose digest is here already.
+        shaping = {k: v for k, v in self.settings.hashed().items() if k != "anchor"}
+        return {**shaping, "old": self._old_digest, "form": 2}
 
     def bind(self, ctx: Context) -> BCTInfluence:
         """Tie the term to the context's old model (its digest enters the cache key)."""
@@ -149,6 +163,10 @@ class BCT(Method):
                 f"setting 'smoothing' applies to a cross-entropy old model; this one uses "
                 f"{scenario.old.loss}: remove the setting"
             )
+
+    def sequence_anchor(self) -> str:
+        """The ``anchor`` setting: each generation constrained by the previous or the first."""
+        return self.settings.anchor
 
     def fit(self, ctx: Context) -> Deployment:
         self.check(ctx.scenario)

@@ -25,6 +25,7 @@ from fct.report.leaderboard import write_leaderboard
 from fct.report.plots import write_plots
 from fct.report.records import load_records
 from fct.report.reproduction import compare, load_reference
+from fct.report.sequences import write_sequences
 from fct.report.summary import Summary, summarize
 from fct.report.tables import write_tables
 
@@ -57,8 +58,10 @@ def build_report(
     ``out`` defaults to the first results folder. Writes, in this order:
     ``leaderboard.csv``, ``leaderboard.md``, ``tables/SCENARIO.{md,tex}``,
     ``plots/bars_SCENARIO.{png,pdf}`` (and ``plots/curves_SCENARIO.{png,pdf}`` when runs
-    recorded backfilling curves), ``plots/update_cost.{png,pdf}``, ``reproduction.md`` (with a
-    reference) and ``index.html``; returns their paths. All of them are built in a temp folder
+    recorded backfilling curves), ``plots/update_cost.{png,pdf}``, for sequence scenarios
+    ``tables/sequence_SCENARIO.{md,tex}`` and ``plots/sequence_SCENARIO_{mAP,top1}.{png,pdf}``
+    (fct.report.sequences), ``reproduction.md`` (with a reference) and ``index.html``; returns
+    their paths. All of them are built in a temp folder
     and swapped in together, replacing the previous report (``tables/`` and ``plots/`` as whole
     folders); on any error the previous report is left as it was. Raises FCTError when there
     are no records of ``suite`` or a record is malformed.
@@ -102,7 +105,9 @@ def _write_all(summary: Summary, folder: Path) -> list[Path]:
     paths = write_leaderboard(summary, folder)
     table_paths, tables = write_tables(summary, folder)
     plot_paths = write_plots(summary, folder)
-    paths += table_paths + plot_paths
+    seq_tables, seq_plots = write_sequences(summary, folder)  # sequence scenarios only
+    plot_paths += seq_plots
+    paths += table_paths + seq_tables + plot_paths
     if summary.reproduction is not None:
         repro = summary.reproduction.markdown(summary.suite)
         paths.append(write_text(folder / "reproduction.md", repro))

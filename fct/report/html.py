@@ -16,6 +16,7 @@ from fct.report.details import provenance_table
 from fct.report.leaderboard import leaderboard_table, reference_table
 from fct.report.render import to_html
 from fct.report.reproduction import TITLE as REPRODUCTION
+from fct.report.sequences import sequence_table
 from fct.report.summary import SMOKE_TITLE, Summary, slug
 from fct.report.tables import BACKFILL_TITLE, SETTINGS_TITLE, ScenarioTables
 
@@ -110,6 +111,14 @@ def index_html(summary: Summary, tables: list[ScenarioTables], plots: dict[str, 
         if f"bars_{name}" in plots:
             parts.append(
                 _img(plots[f"bars_{name}"], f"{t.scenario}: cross top-1 and mAP per method")
+            )
+        if f"sequence_{name}_mAP" in plots:
+            parts.append("<h3>Sequence of updates: compatibility matrix</h3>")
+            parts.append(
+                f'<div class="scroll">{to_html(sequence_table(summary, t.scenario))}</div>'
+            )
+            parts.append(
+                _img(plots[f"sequence_{name}_mAP"], f"{t.scenario}: compatibility matrix (mAP)")
             )
         if f"curves_{name}" in plots:
             parts.append(

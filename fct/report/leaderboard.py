@@ -27,6 +27,8 @@ SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_change_mAP")
 FLIP_METRICS = ("cross_nfr",)
 COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
 NORM_METRICS = ("cross_norm_ratio",)
+#: Shown when any record is of a sequence scenario (blank for the other scenarios).
+SEQUENCE_METRICS = ("seq_AC", "seq_mean_mAP")
 #: Averaged over scenarios; the last one orders the board.
 MEAN_METRICS = ("cross_top1", "cross_mAP")
 SORT_METRIC = "cross_mAP"
@@ -63,6 +65,13 @@ DEFINITIONS = (
     "points. mean = mean over scenarios; a method missing a scenario has no mean and no rank."
 )
 
+SEQUENCE_NOTE = (
+    "AC / seq. mean mAP (sequence scenarios only, blank elsewhere): the share of pairs of "
+    "generations i > j whose compatibility-matrix mAP M[i][j] beats M[j][j], and the mean mAP "
+    "of the matrix's lower triangle (CL2R; tables/sequence_SCENARIO.md). A sequence's cross, "
+    "old/old and new/new are M[T-1][0], M[0][0] and M[T-1][T-1]: last model, first gallery."
+)
+
 
 @dataclass
 class Row:
@@ -87,6 +96,8 @@ def scenario_metrics(summary: Summary) -> list[str]:
         (r.get("diagnostics") or {}).get("cross_norm_ratio") is not None for r in summary.records
     ):
         keys += NORM_METRICS
+    if any(r.get("sequence") for r in summary.records):
+        keys += SEQUENCE_METRICS
     return [*keys, *(f"auc_{o}" for o in summary.auc_orders)]
 
 
@@ -201,6 +212,8 @@ def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
         notes.append(FLIPS)
     if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS)):
         notes.append(DIAGNOSTICS)
+    if any(k in keys for k in SEQUENCE_METRICS):
+        notes.append(SEQUENCE_NOTE)
     if summary.multi_seed:
         notes.append("With several seeds: mean ± sample standard deviation over seeds.")
         notes.append(WITHIN_NOTE)

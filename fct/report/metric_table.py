@@ -158,6 +158,15 @@ def _new_new_change(key: str) -> Extract:
     return extract
 
 
+def _sequence(key: str) -> Extract:
+    # A sequence scenario's record (fct.sequence) has ``sequence``; any other record: blank.
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        value = (rec.get("sequence") or {}).get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
 def update_cost_per_item(rec: Record) -> float | None:
     """Seconds to update one gallery item: backfilled share by re-encoding, the rest by h.
 
@@ -292,6 +301,26 @@ METRICS.update(
                 decimals=2,
                 sci=True,
                 ideal=1.0,
+            ),
+            Metric(
+                key="seq_AC",
+                label="AC",
+                description="sequence: average compatibility (share of pairs i > j with "
+                "M[i][j] > M[j][j], mAP)",
+                unit="",
+                higher_is_better=True,
+                extract=_sequence("AC"),
+                lim=(0.0, 1.0),
+                decimals=2,
+            ),
+            Metric(
+                key="seq_mean_mAP",
+                label="seq. mean mAP",
+                description="sequence: mean mAP of the compatibility matrix's lower triangle",
+                unit="%",
+                higher_is_better=True,
+                extract=_sequence("mean"),
+                lim=PERCENT,
             ),
             Metric(
                 key="backfill_fraction",

@@ -345,7 +345,16 @@ def describe(config: dict[str, Any]) -> list[str]:
         lines.append(str(config["description"]))
     if config.get("kinds"):
         lines.append("kinds: " + ", ".join(map(str, config["kinds"])))
-    for name, key in (("old", "old"), ("new", "new"), ("side-info", "side")):
+    generations = config.get("models")
+    if isinstance(generations, list) and generations:  # a sequence (fct.sequence)
+        for k, spec in enumerate(generations):
+            line = _model_line(f"generation {k}", spec)
+            if line:
+                lines.append(line)
+        roles = (("side-info", "side"),)
+    else:
+        roles = (("old", "old"), ("new", "new"), ("side-info", "side"))
+    for name, key in roles:
         line = _model_line(name, config.get(key))
         if line:
             lines.append(line)

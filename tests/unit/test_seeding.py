@@ -31,6 +31,9 @@ def test_every_stream_keeps_its_formula(seed: int) -> None:
     assert derive_seed("method", seed, "bct") == int(
         config_hash({"method": "bct", "seed": seed}), 16
     ) % (2**63 - 1)
+    assert derive_seed("sequence-step", seed, "fct", 2) == int(
+        config_hash({"method": "fct", "seed": seed, "step": 2}), 16
+    ) % (2**63 - 1)
     for epoch in (0, 1, 5):
         assert derive_seed("epoch", seed, epoch) == (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
         assert derive_seed("shuffle", seed, epoch) == seed + epoch
@@ -44,6 +47,8 @@ def test_streams_differ_and_depend_on_the_seed_and_parts() -> None:
     epoch_streams = {"epoch", "shuffle", "augment", "h-batches"}
 
     def parts(stream: str) -> tuple:
+        if stream == "sequence-step":
+            return ("x", 1)
         return () if stream == "curves" else (3,) if stream in epoch_streams else ("x",)
 
     for s in STREAMS:
@@ -63,7 +68,7 @@ def test_unknown_stream_and_wrong_parts_are_refused() -> None:
 
 def test_no_seed_formula_outside_the_seeding_module() -> None:
     """The constants and constructions of the formulas appear in fct/seeding.py only."""
-    pattern = re.compile(r"7919|1_000_003|SeedSequence|manual_seed\([^)]*[+*]")
+    pattern = re.compile(r"7919|1_000_003|SeedSequence|% \(2\*\*63|manual_seed\([^)]*[+*]")
     offenders = [
         f"{path.relative_to(PKG.parent)}:{n}"
         for path in PKG.rglob("*.py")
