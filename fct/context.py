@@ -37,6 +37,7 @@ from fct.embedding import (
     embedding_key,
 )
 from fct.errors import FCTError
+from fct.precomputed import StoredData, StoredModel
 from fct.provenance import source_digest
 from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec
 from fct.session import Memo, Role, Session, Trained, loader_workers
@@ -96,6 +97,10 @@ class Context:
         #: What is computed once per scenario: models, embeddings, and what the runner keeps
         #: between the scenario's methods (the old/old evaluation, the kNN log line).
         self.memo = Memo()
+        #: A scenario on stored embeddings (fct.precomputed): its files, served by role; the
+        #: models are then ``StoredModel`` handles and nothing is trained but h.
+        emb = scenario.embeddings
+        self.stored = None if emb is None else StoredData(emb.path("train"), emb.path("eval"))
 
     def __repr__(self) -> str:
         return f"Context(scenario={self.scenario.name!r}, session={self.session!r})"
@@ -134,6 +139,10 @@ class Context:
     def old_model(self) -> Trained:
         """The old model φ_old, trained on the old data with the old loss."""
         spec = self.scenario.old
+        if self.stored is not None:
+            return self.memo.get_or_build(
+                ("model", spec), lambda: StoredModel("old", spec, self.stored)
+            )
         return self.memo.get_or_build(("model", spec), lambda: self._backbone(spec))
 
     def new_model(self, extra: ExtraLoss | None = None, tag: str | None = None) -> Trained:
@@ -142,6 +151,15 @@ class Context:
         ``tag`` names the model's cache entry (default: the term's name); methods pass their
         run name, so a suite's variants (``bct_scaled``) get entries of their own names."""
         spec = self.scenario.new
+        if self.stored is not None:
+            if extra is not None:
+                raise FCTError(
+                    f"a new model trained with {extra.name}'s loss needs images; scenario "
+                    f"'{self.scenario.name}' has stored embeddings only"
+                )
+            return self.memo.get_or_build(
+                ("model", spec, "None"), lambda: StoredModel("new", spec, self.stored)
+            )
         # A method's own loss term: its source file is part of the model's key, so editing
         # the method retrains the models it shaped (and nothing else).
         extra_key = (
@@ -170,6 +188,10 @@ class Context:
         spec = self.scenario.side
         if spec is None:
             return None
+        if self.stored is not None:
+            return self.memo.get_or_build(
+                ("side", spec), lambda: StoredModel("side", spec, self.stored)
+            )
         return self.memo.get_or_build(("side", spec), lambda: train_side(self.session, spec))
 
     def shared_digests(self) -> set[str]:
@@ -192,7 +214,12 @@ class Context:
         model's training data). ``view`` 0 is the images as they are; view v > 0 is the split
         augmented as its model spec trains (draws fixed by the run's seed and v), the same
         augmented images whichever model embeds them.
+
+        On stored embeddings (``self.stored``) a model is a ``StoredModel`` and its embeddings
+        are its role's array of the training file (both training roles) or the eval file.
         """
+        if self.stored is not None:
+            return self._stored_embed(model, Role.parse(data), view)
         sc = self.scenario
         spec, split = {
             Role.EVAL: (sc.eval, sc.eval.split),
@@ -205,6 +232,16 @@ class Context:
         key = embedding_key(model, spec, split, view, augment, self.seed)
         return self.memo.get_or_build(
             ("embed", str(key)), lambda: self._embed(model, spec, split, key)
+        )
+
+    def _stored_embed(self, model: Any, role: Role, view: int):
+        if view:
+            raise FCTError("augmented views need images; stored embeddings have view 0 only")
+        if not isinstance(model, StoredModel):
+            raise FCTError(f"{model.name} is an image model; this scenario has stored embeddings")
+        split = "eval" if role == Role.EVAL else "train"
+        return self.memo.get_or_build(
+            ("embed", model.digest, split), lambda: self.stored.tensors(split, model.role)
         )
 
     def _embed(self, model: Trained, spec, split: str, key: dict):

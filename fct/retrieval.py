@@ -473,6 +473,7 @@ def evaluate(
     device: str = "cpu",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = False,
+    ranking: tuple[str, ...] = (),
 ) -> dict[str, float | int | str]:
     """Evaluate retrieval of ``query`` against ``gallery``.
 
@@ -480,7 +481,8 @@ def evaluate(
     and gallery i are the same item encoded by two models (the cross-model case): each query's
     own gallery entry is excluded, as in leave-one-out. Returns top1, top5, mAP, mAP@R (percent),
     n_query (queries scored), n_skipped (queries with no same-class item in the gallery, left out
-    of every metric), n_gallery, distance and backend.
+    of every metric), n_gallery, distance and backend; and the ``ranking`` metrics asked
+    (fct.metrics.ranking_summary: recall@k, mrr@10).
     """
     if distance not in DISTANCES:
         raise FCTError(f"unknown distance '{distance}'; choose one of {', '.join(DISTANCES)}")
@@ -570,4 +572,5 @@ def evaluate(
             "check that query and gallery labels use the same class ids"
         )
     out.update(n_gallery=n, distance=distance, backend=backend)
+    out.update(metrics.ranking_summary(results, tuple(ranking)) if ranking else {})
     return out

@@ -31,6 +31,7 @@ from fct.io import check_writable, read_json
 from fct.methods import Deployment
 from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
+from fct.recovery import recovery
 from fct.scenarios import Scenario, Suite, config_hash
 from fct.session import Session
 
@@ -122,7 +123,16 @@ def evaluate_deployment(
         "backfill_fraction": dep.backfill_fraction,
         "backfill_images_per_s": ctx.embed_speed(dep.query_model),
     }
-    if dep.transformation is not None:
+    queries = new_x  # the cross case's queries: new, or mapped into the old space
+    if dep.query_update is not None:
+        # Query-side adaptation: new queries mapped into the old space, the old gallery kept.
+        if dep.transformation is not None or dep.gallery_update is not None:
+            raise FCTError("a deployment maps either its queries or its gallery, not both")
+        with torch.inference_mode():
+            queries = dep.query_update(new_x)
+        gallery = old_x
+        costs["transform_embeddings_per_s"] = None
+    elif dep.transformation is not None:
         gallery, speed = apply_transformation(dep.transformation.module, old_x, side_x, ctx.device)
         costs["transform_embeddings_per_s"] = speed
     elif dep.gallery_update is not None:
@@ -133,25 +143,29 @@ def evaluate_deployment(
     else:
         gallery = old_x
         costs["transform_embeddings_per_s"] = None
-    if gallery.shape != new_x.shape:
+    if gallery.shape != queries.shape:
         raise FCTError(
-            f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(new_x.shape)}; "
+            f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(queries.shape)}; "
             "the gallery update must map old embeddings into the new model's space"
+            + (" (its query update: new queries into the old space)" if dep.query_update else "")
         )
-    cases = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts)
+    cases = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts, queries)
     # The same cases under cosine distance: a method whose embeddings change scale (BCT's grow
     # with a frozen classifier) shows it as a gap between the two (docs/baselines.md).
     cos_opts = {**opts, "distance": "cosine"}
     cases_cosine = (
         cases
         if opts["distance"] == "cosine"
-        else _three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts)
+        else _three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts, queries)
     )
-    diagnostics = {"cross_norm_ratio": _norm_ratio(new_x, gallery)}
+    diagnostics = {"cross_norm_ratio": _norm_ratio(queries, gallery)}
     t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
     costs["speedup_vs_backfill"] = t / b if t and b else None
     # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
-    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if sc.eval.curves else {}
+    # (none for a query-side update: a gallery part re-encoded with the new model and a part
+    # left old share no query space)
+    with_curves = sc.eval.curves and dep.query_update is None
+    curves = backfill_curves(ctx, dep, new_x, gallery, labels, opts) if with_curves else {}
     # --- end of backfilling curves ---
     extras = {
         "cases_cosine": {k: _round(v) for k, v in cases_cosine.items()},
@@ -160,8 +174,13 @@ def evaluate_deployment(
     return {k: _round(v) for k, v in cases.items()}, _round(costs), {**curves, **extras}
 
 
-def _three_cases(ctx: Context, old, old_x, new_x, gallery, labels, opts: dict) -> dict[str, dict]:
-    """old/old, new/new and cross (new queries against the updated gallery, paired)."""
+def _three_cases(
+    ctx: Context, old, old_x, new_x, gallery, labels, opts: dict, queries=None
+) -> dict[str, dict]:
+    """old/old, new/new and cross (new queries, or ``queries`` when a query-side update
+    mapped them, against the updated gallery, paired); with the scenario's ranking metrics."""
+    opts = {**opts, "ranking": ctx.scenario.eval.metrics}
+    queries = new_x if queries is None else queries
     cases = {}
     cases["old/old"] = ctx.memo.get_or_build(
         ("old/old", old.digest, str(opts)),
@@ -169,7 +188,7 @@ def _three_cases(ctx: Context, old, old_x, new_x, gallery, labels, opts: dict) -
     )
     cases["new/new"] = retrieval.evaluate(_features(new_x, labels, "new/new"), **opts)
     cases["cross"] = retrieval.evaluate(
-        _features(new_x, labels, "query"),
+        _features(queries, labels, "query"),
         _features(gallery, labels, "gallery"),
         paired=True,
         **opts,
@@ -216,6 +235,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
     )
     dep = method.fit(ctx)
     evaluated = evaluate_deployment(ctx, dep)
+    query_dim = ctx.scenario.new.embedding_dim
     if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
         return path
     cases, costs, curves = evaluated
@@ -243,6 +263,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         artifacts={name: a.digest for name, a in used.items()},
         artifact_weights={name: a.entry.weights_digest() for name, a in used.items()},
         models=_model_roles(ctx, dep),
+        recovery=recovery(cases, dep, costs["train_seconds_method"], query_dim),
         notes=json.loads(json.dumps(dep.notes, default=str)),  # Deployment.notes
         provenance={
             **provenance(str(ctx.device), opts.seed, wall),
@@ -312,6 +333,12 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
             method.check(sc)
         except FCTError as e:
             refused[m] = str(e)
+    if ctx.stored is not None:  # stored embeddings: their files, not images, are checked
+        try:
+            ctx.stored.check()
+        except FCTError as e:
+            raise FCTError(f"scenario '{sc.name}' [embeddings]: {e}") from e
+        return refused
     roles = [("old", sc.old), ("new", sc.new), ("side", sc.side), ("eval", sc.eval)]
     for role, spec in roles:
         if spec is None:

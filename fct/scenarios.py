@@ -109,10 +109,43 @@ class EvalSpec:
     distance: str = "l2"
     backend: str = "torch"
     curves: bool = True  # backfilling curves: 22 cross evaluations per ordering and method
+    # Ranking metrics beside the default ones (fct.metrics.RANKING_METRICS): "recall@1",
+    # "recall@10", "recall@100", "mrr@10".
+    metrics: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return _plain(self)
+        """Plain JSON-able dict (``metrics`` only when asked: older hashes stay as they were)."""
+        out = _plain(self)
+        if not self.metrics:
+            del out["metrics"]
+        return out
+
+
+@dataclass(frozen=True)
+class EmbeddingsSpec:
+    """Stored embeddings instead of images (fct.precomputed): a training set (h and the
+    adapters are fitted on it) and an evaluation set (leave-one-out). ``train`` and ``eval``
+    are the paths as the suite wrote them; ``root`` the suite file's folder they are relative
+    to (not part of any hash: moving the folder reruns nothing)."""
+
+    train: str
+    eval: str
+    root: str = field(default=".", compare=False)
+
+    def path(self, which: str) -> Path:
+        """The absolute path of ``train`` or ``eval``."""
+        return Path(self.root) / getattr(self, which)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The paths and the sha256 of their contents (streamed once per process): a record
+        made from other files is rerun."""
+        from fct.precomputed import file_digest
+
+        return {
+            "train": self.train,
+            "eval": self.eval,
+            "digests": {w: file_digest(self.path(w)) for w in ("train", "eval")},
+        }
 
 
 @dataclass(frozen=True)
@@ -146,12 +179,17 @@ class Scenario:
     kinds: tuple[str, ...] = ()
     description: str = ""
     paper: bool = False  # paper-faithful settings: reports show published numbers beside ours
+    embeddings: EmbeddingsSpec | None = None  # stored embeddings instead of images
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the scenario (stored in every run record); each method's
-        settings are in its own record's ``method_config``, not here."""
-        out = _plain(self)
+        settings are in its own record's ``method_config``, not here. ``embeddings`` only
+        when the scenario has them (image scenarios' hashes are as before)."""
+        out = _plain(dataclasses.replace(self, embeddings=None))
         del out["method_specs"]
+        del out["embeddings"]
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings.as_dict()
         return out
 
     def results_key(self) -> dict[str, Any]:
@@ -208,7 +246,14 @@ class Suite:
 _SECTIONS = {"suite", "defaults", "scenario", "methods"}
 _SUITE_KEYS = {"name", "description", "methods"}
 _DEFAULT_KEYS = {"model", "old", "new", "side", "transformation", "eval", "methods", "paper"}
-_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info", "settings"}
+_SCENARIO_KEYS = _DEFAULT_KEYS | {
+    "name",
+    "kinds",
+    "description",
+    "side_info",
+    "settings",
+    "embeddings",
+}
 
 
 def _build(cls: type, merged: dict, where: str) -> Any:
@@ -230,6 +275,8 @@ def _build(cls: type, merged: dict, where: str) -> Any:
             value = tuple(
                 sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items())
             )
+        elif key == "metrics":
+            value = tuple(_string_list(value, "metrics", where))
         elif key == "classes" and value is not None:
             if not (
                 isinstance(value, list)
@@ -430,6 +477,10 @@ def _parse_scenario(
         raise FCTError(f"{where}: paper must be true or false, got {paper!r}")
     per_scenario = entry.get("settings", {})
     names = set(methods) | set(tables) | set(per_scenario) | set(overrides)
+    stored = None
+    if "embeddings" in entry:
+        stored, specs = _stored_embeddings(entry["embeddings"], path, specs, where)
+        use_side = specs["side"] is not None
     sc = Scenario(
         name=sname,
         suite=suite_name,
@@ -447,9 +498,41 @@ def _parse_scenario(
         kinds=kinds,
         description=description,
         paper=paper,
+        embeddings=stored,
     )
     _validate_scenario(sc, where)
     return sc
+
+
+def _stored_embeddings(
+    table: Any, path: Path, specs: dict[str, ModelSpec], where: str
+) -> tuple[EmbeddingsSpec, dict[str, ModelSpec | None]]:
+    """The scenario's ``embeddings = { train = ..., eval = ... }`` (paths relative to the
+    suite file) and its model specs with the files' embedding sizes (read from the headers;
+    the values are checked before the run, fct.runner.check_scenario)."""
+    from fct.precomputed import header_dims
+
+    if not isinstance(table, dict):
+        raise FCTError(
+            f'{where}: embeddings must be a table, e.g. {{ train = "train.npz", eval = "eval.npz" }}'
+        )
+    _check_keys(table, {"train", "eval"}, f"{where} [embeddings]")
+    for key in ("train", "eval"):
+        if not isinstance(table.get(key), str) or not table[key]:
+            raise FCTError(
+                f"{where} [embeddings]: '{key}' must name an .npz file or a folder of .npy files"
+            )
+    spec = EmbeddingsSpec(table["train"], table["eval"], root=str(Path(path).resolve().parent))
+    dims = header_dims(spec.path("train"))
+    out: dict[str, ModelSpec | None] = {
+        role: dataclasses.replace(specs[role], embedding_dim=dims[role]) for role in ("old", "new")
+    }
+    out["side"] = (
+        None
+        if dims["side"] is None
+        else dataclasses.replace(specs["side"], embedding_dim=dims["side"])
+    )
+    return spec, out
 
 
 def suite_folders(suites_dir: Path | None = None) -> list[Path]:

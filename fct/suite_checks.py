@@ -267,6 +267,21 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
     ):
         raise FCTError(f"{where} [eval]: max_per_class must be a positive integer")
     _validate_transformation(sc.transformation, f"{where} [transformation]")
+    from fct.metrics import RANKING_METRICS
+
+    for m in sc.eval.metrics:
+        if m not in RANKING_METRICS:
+            raise FCTError(
+                f"{where} [eval]: unknown metric {m!r}{did_you_mean(m, RANKING_METRICS)}; "
+                f"metrics can be {', '.join(RANKING_METRICS)}"
+            )
+    if sc.embeddings is not None and (
+        sc.transformation.features != "cached" or sc.transformation.views != 1
+    ):
+        raise FCTError(
+            f"{where} [transformation]: a scenario on stored embeddings fits h on them as they "
+            "are: features = 'cached' and views = 1 (augmented views need images)"
+        )
     if "fct_side" in sc.methods and sc.side is None:
         raise FCTError(
             f"{where}: method fct_side needs side-information; remove side_info = false or the method"
