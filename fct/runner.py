@@ -179,7 +179,7 @@ def _three_cases(
 ) -> dict[str, dict]:
     """old/old, new/new and cross (new queries, or ``queries`` when a query-side update
     mapped them, against the updated gallery, paired); with the scenario's ranking metrics."""
-    opts = {**opts, "ranking": ctx.scenario.eval.metrics}
+    opts = {**opts, "ranking": ctx.scenario.eval.metrics or ()}
     queries = new_x if queries is None else queries
     cases = {}
     cases["old/old"] = ctx.memo.get_or_build(

@@ -111,12 +111,12 @@ class EvalSpec:
     curves: bool = True  # backfilling curves: 22 cross evaluations per ordering and method
     # Ranking metrics beside the default ones (fct.metrics.RANKING_METRICS): "recall@1",
     # "recall@10", "recall@100", "mrr@10".
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (``metrics`` only when asked: older hashes stay as they were)."""
         out = _plain(self)
-        if not self.metrics:
+        if self.metrics is None:
             del out["metrics"]
         return out
 
@@ -188,6 +188,7 @@ class Scenario:
         out = _plain(dataclasses.replace(self, embeddings=None))
         del out["method_specs"]
         del out["embeddings"]
+        out["eval"] = self.eval.as_dict()
         if self.embeddings is not None:
             out["embeddings"] = self.embeddings.as_dict()
         return out

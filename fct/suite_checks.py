@@ -269,7 +269,7 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
     _validate_transformation(sc.transformation, f"{where} [transformation]")
     from fct.metrics import RANKING_METRICS
 
-    for m in sc.eval.metrics:
+    for m in sc.eval.metrics or ():
         if m not in RANKING_METRICS:
             raise FCTError(
                 f"{where} [eval]: unknown metric {m!r}{did_you_mean(m, RANKING_METRICS)}; "
