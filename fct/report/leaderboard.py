@@ -25,6 +25,8 @@ SCENARIO_METRICS = ("cross_top1", "cross_mAP", "gain_mAP", "new_new_change_mAP")
 #: cross case under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
 COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
 NORM_METRICS = ("cross_norm_ratio",)
+#: Recall recovery (cross / new/new), shown when any record has the ``recovery`` key.
+RECOVERY_METRICS = ("recovery_top1", "recovery_mAP")
 #: Averaged over scenarios; the last one orders the board.
 MEAN_METRICS = ("cross_top1", "cross_mAP")
 SORT_METRIC = "cross_mAP"
@@ -45,7 +47,9 @@ DIAGNOSTICS = (
     "cos top-1 / cos mAP: the cross case under cosine distance (the paper tables keep the "
     "scenario's own distance); a gap to the cross columns means the embeddings' scale matters. "
     "norm ratio: mean norm of the cross case's queries / mean norm of its gallery (1 = same "
-    "scale). Blank: the record predates these measurements."
+    "scale). recovery top-1 / recovery mAP: recall recovery, the cross case's metric over the "
+    "new/new case's (1 = as good as re-embedding the whole gallery with the new model). Blank: "
+    "the record predates these measurements."
 )
 DEFINITIONS = (
     "cross: queries embedded by the new model against the updated gallery. "
@@ -78,6 +82,8 @@ def scenario_metrics(summary: Summary) -> list[str]:
         (r.get("diagnostics") or {}).get("cross_norm_ratio") is not None for r in summary.records
     ):
         keys += NORM_METRICS
+    if any(r.get("recovery") for r in summary.records):
+        keys += RECOVERY_METRICS
     return [*keys, *(f"auc_{o}" for o in summary.auc_orders)]
 
 
@@ -188,7 +194,7 @@ def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
             line.append(_symbol(cell))
         body.append(line)
     notes = [CRITERION, DEFINITIONS]
-    if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS)):
+    if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS, *RECOVERY_METRICS)):
         notes.append(DIAGNOSTICS)
     if summary.multi_seed:
         notes.append("With several seeds: mean ± sample standard deviation over seeds.")
