@@ -229,3 +229,14 @@ def test_image_scenario_hash_is_unchanged_by_the_new_keys():
         assert record_digest(sc, sc.method(rec["method"]), rec["seed"]) == rec["config_hash"], path
         checked += 1
     assert checked
+
+
+def test_the_example_suite_loads_with_its_files(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "embeddings" / "suite.toml"
+    (tmp_path / "suite.toml").write_text(example.read_text())
+    for name, n in (("train", 60), ("eval", 40)):
+        write_set(tmp_path / "fmnist-half" / f"{name}.npz", make_arrays(n, 128, 128, side=64))
+    suite = load_suite(str(tmp_path / "suite.toml"))
+    sc = suite.scenarios[0]
+    assert sc.embeddings is not None and sc.side is not None and sc.side.embedding_dim == 64
+    assert {"fct", "procrustes_gallery", "mlp_adapter"} <= set(sc.methods)
