@@ -100,7 +100,7 @@ class Context:
         #: A scenario on stored embeddings (fct.precomputed): its files, served by role; the
         #: models are then ``StoredModel`` handles and nothing is trained but h.
         emb = scenario.embeddings
-        self.stored = None if emb is None else StoredData(emb.path("train"), emb.path("eval"))
+        self.stored = None if emb is None else StoredData(emb.paths())
 
     def __repr__(self) -> str:
         return f"Context(scenario={self.scenario.name!r}, session={self.session!r})"
@@ -239,7 +239,8 @@ class Context:
             raise FCTError("augmented views need images; stored embeddings have view 0 only")
         if not isinstance(model, StoredModel):
             raise FCTError(f"{model.name} is an image model; this scenario has stored embeddings")
-        split = "eval" if role == Role.EVAL else "train"
+        # The evaluation split's stored items are the gallery when queries come apart.
+        split = "train" if role != Role.EVAL else ("gallery" if self.stored.split else "eval")
         return self.memo.get_or_build(
             ("embed", model.digest, split), lambda: self.stored.tensors(split, model.role)
         )

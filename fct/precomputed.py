@@ -308,32 +308,37 @@ class StoredModel:
 
 
 class StoredData:
-    """A scenario's stored training and evaluation sets, opened once and checked."""
+    """A scenario's stored sets, opened once and checked: ``paths`` by split, ``train`` and
+    either ``eval`` (queries and gallery, leave-one-out) or ``query`` and ``gallery``."""
 
-    def __init__(self, train: Path, evals: Path) -> None:
-        self.train_path, self.eval_path = Path(train), Path(evals)
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = {k: Path(v) for k, v in paths.items()}
+        self.train_path = self.paths["train"]
+        #: Queries apart from the gallery (``query`` and ``gallery`` files) or not (``eval``).
+        self.split = "query" in self.paths
         self._sets: dict[str, EmbeddingSet] = {}
         self._checked = False
 
     def set(self, split: str) -> EmbeddingSet:
         if split not in self._sets:
-            self._sets[split] = open_set(self.train_path if split == "train" else self.eval_path)
+            self._sets[split] = open_set(self.paths[split])
         return self._sets[split]
 
     def check(self) -> None:
         """Shapes, dtypes, row counts, matching sizes between the sets, finite values."""
         if self._checked:
             return
-        train, evals = self.set("train"), self.set("eval")
-        check_pair(train, evals)
-        check_values(train)
-        check_values(evals)
+        train = self.set("train")
+        for split in self.paths:
+            if split != "train":
+                check_pair(train, self.set(split))
+        for split in self.paths:
+            check_values(self.set(split))
         self._checked = True
 
     def digest(self) -> str:
-        return hashlib.sha256(
-            f"{file_digest(self.train_path)}\0{file_digest(self.eval_path)}".encode()
-        ).hexdigest()
+        text = "\0".join(f"{k}={file_digest(p)}" for k, p in sorted(self.paths.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def tensors(self, split: str, role: str):
         """(embeddings float32 [N, d], labels int64 [N]) as torch tensors (copied into memory:

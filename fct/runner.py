@@ -111,6 +111,8 @@ def evaluate_deployment(
     Under torchrun every rank takes part in embedding the evaluation split (sharded); the
     evaluation itself runs on rank 0, and the other ranks return None.
     """
+    if ctx.stored is not None and ctx.stored.split:
+        return _evaluate_query_gallery(ctx, dep)
     sc = ctx.scenario
     old = ctx.old_model()
     old_x, labels = ctx.embed(old, "eval")
@@ -172,6 +174,68 @@ def evaluate_deployment(
         "diagnostics": _round(diagnostics),
     }
     return {k: _round(v) for k, v in cases.items()}, _round(costs), {**curves, **extras}
+
+
+def _evaluate_query_gallery(
+    ctx: Context, dep: Deployment
+) -> tuple[dict[str, dict], dict[str, Any], dict[str, Any]]:
+    """``evaluate_deployment`` for stored embeddings with a query set apart from the gallery
+    (``embeddings = { train, query, gallery }``): old/old is old queries against the old
+    gallery, new/new new queries against the new gallery, cross the method's queries (new, or
+    mapped into the old space by a query update) against its gallery (old, or updated); no
+    item is excluded (the sets are distinct). No backfilling curves: they re-encode gallery
+    items that are also queries."""
+    stored, opts = ctx.stored, knn_options(ctx)
+    ranking = {"ranking": ctx.scenario.eval.metrics or ()}
+    old, new = ctx.old_model(), dep.query_model
+    old_g, g_labels = ctx.embed(old, "eval")  # the stored gallery
+    new_g = ctx.embed(new, "eval")[0]
+    side_g = ctx.embed(ctx.side_model(), "eval")[0] if dep.uses_side else None
+    old_q, q_labels = stored.tensors("query", old.role)
+    new_q = stored.tensors("query", new.role)[0]
+    costs: dict[str, Any] = {"backfill_fraction": dep.backfill_fraction}
+    queries, gallery, t0 = new_q, old_g, time.perf_counter()
+    if dep.query_update is not None:
+        with torch.inference_mode():
+            queries = dep.query_update(new_q)
+    elif dep.transformation is not None:
+        gallery = apply_transformation(dep.transformation.module, old_g, side_g, ctx.device)[0]
+    elif dep.gallery_update is not None:
+        gallery = dep.gallery_update(old_g, side_g)
+    dt = time.perf_counter() - t0
+    updates = dep.transformation is not None or dep.gallery_update is not None
+    costs["transform_embeddings_per_s"] = len(old_g) / dt if updates and dt > 0 else None
+    if gallery.shape[1] != queries.shape[1]:
+        raise FCTError(
+            f"the cross case's queries are {queries.shape[1]}-d but its gallery "
+            f"{gallery.shape[1]}-d; the method must map one space into the other"
+        )
+
+    def cases(distance: str) -> dict[str, dict]:
+        o = {**opts, "distance": distance, **ranking}
+        pairs = {
+            "old/old": (old_q, old_g),
+            "new/new": (new_q, new_g),
+            "cross": (queries, gallery),
+        }
+        return {
+            name: _round(
+                retrieval.evaluate(
+                    _features(q, q_labels, f"{name} queries"),
+                    _features(g, g_labels, f"{name} gallery"),
+                    **o,
+                )
+            )
+            for name, (q, g) in pairs.items()
+        }
+
+    main = cases(opts["distance"])
+    cosine = main if opts["distance"] == "cosine" else cases("cosine")
+    extras = {
+        "cases_cosine": cosine,
+        "diagnostics": _round({"cross_norm_ratio": _norm_ratio(queries, gallery)}),
+    }
+    return main, _round(costs), extras
 
 
 def _three_cases(

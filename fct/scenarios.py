@@ -124,17 +124,28 @@ class EvalSpec:
 @dataclass(frozen=True)
 class EmbeddingsSpec:
     """Stored embeddings instead of images (fct.precomputed): a training set (h and the
-    adapters are fitted on it) and an evaluation set (leave-one-out). ``train`` and ``eval``
-    are the paths as the suite wrote them; ``root`` the suite file's folder they are relative
-    to (not part of any hash: moving the folder reruns nothing)."""
+    adapters are fitted on it) and an evaluation set (``eval``: queries and gallery,
+    leave-one-out) or a query set and a gallery set (``query``, ``gallery``). The paths as
+    the suite wrote them; ``root`` the suite file's folder they are relative to (not part of
+    any hash: moving the folder reruns nothing)."""
 
     train: str
-    eval: str
+    eval: str | None = None
+    query: str | None = None
+    gallery: str | None = None
     root: str = field(default=".", compare=False)
 
+    def splits(self) -> tuple[str, ...]:
+        """The sets given: ``train`` and ``eval``, or ``train``, ``query`` and ``gallery``."""
+        return ("train", "eval") if self.eval is not None else ("train", "query", "gallery")
+
     def path(self, which: str) -> Path:
-        """The absolute path of ``train`` or ``eval``."""
+        """The absolute path of ``train``, ``eval``, ``query`` or ``gallery``."""
         return Path(self.root) / getattr(self, which)
+
+    def paths(self) -> dict[str, Path]:
+        """Every set's absolute path, by split."""
+        return {w: self.path(w) for w in self.splits()}
 
     def as_dict(self) -> dict[str, Any]:
         """The paths and the sha256 of their contents (streamed once per process): a record
@@ -142,9 +153,8 @@ class EmbeddingsSpec:
         from fct.precomputed import file_digest
 
         return {
-            "train": self.train,
-            "eval": self.eval,
-            "digests": {w: file_digest(self.path(w)) for w in ("train", "eval")},
+            **{w: getattr(self, w) for w in self.splits()},
+            "digests": {w: file_digest(self.path(w)) for w in self.splits()},
         }
 
 
@@ -517,13 +527,21 @@ def _stored_embeddings(
         raise FCTError(
             f'{where}: embeddings must be a table, e.g. {{ train = "train.npz", eval = "eval.npz" }}'
         )
-    _check_keys(table, {"train", "eval"}, f"{where} [embeddings]")
-    for key in ("train", "eval"):
-        if not isinstance(table.get(key), str) or not table[key]:
+    _check_keys(table, {"train", "eval", "query", "gallery"}, f"{where} [embeddings]")
+    split = "query" in table or "gallery" in table
+    if split == ("eval" in table) or (split and not {"query", "gallery"} <= set(table)):
+        raise FCTError(
+            f"{where} [embeddings]: give train and either eval (one set, leave-one-out) or "
+            "query and gallery"
+        )
+    for key in table:
+        if not isinstance(table[key], str) or not table[key]:
             raise FCTError(
                 f"{where} [embeddings]: '{key}' must name an .npz file or a folder of .npy files"
             )
-    spec = EmbeddingsSpec(table["train"], table["eval"], root=str(Path(path).resolve().parent))
+    if "train" not in table:
+        raise FCTError(f"{where} [embeddings]: 'train' is required (what the maps are fitted on)")
+    spec = EmbeddingsSpec(**table, root=str(Path(path).resolve().parent))
     dims = header_dims(spec.path("train"))
     out: dict[str, ModelSpec | None] = {
         role: dataclasses.replace(specs[role], embedding_dim=dims[role]) for role in ("old", "new")

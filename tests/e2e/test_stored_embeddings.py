@@ -240,3 +240,69 @@ def test_the_example_suite_loads_with_its_files(tmp_path):
     sc = suite.scenarios[0]
     assert sc.embeddings is not None and sc.side is not None and sc.side.embedding_dim == 64
     assert {"fct", "procrustes_gallery", "mlp_adapter"} <= set(sc.methods)
+
+
+def test_query_and_gallery_sets(tmp_path, capsys):
+    train = make_arrays(200, d_old=16, d_new=16, seed=0)
+    query, gallery = make_arrays(50, 16, 16, seed=1), make_arrays(150, 16, 16, seed=2)
+    for name, arrays in (("train", train), ("query", query), ("gallery", gallery)):
+        write_set(tmp_path / f"{name}.npz", arrays)
+    text = write_suite(tmp_path / "unused", ["affine"]).read_text()
+    text = text.replace(
+        'embeddings = { train = "train.npz", eval = "eval.npz" }',
+        'embeddings = { train = "train.npz", query = "query.npz", gallery = "gallery.npz" }',
+    ).replace('methods = ["affine"]', 'methods = ["affine", "affine_g", "independent"]')
+    text += '[methods.affine_g]\nbase = "affine"\ndirection = "gallery"\n'
+    suite = tmp_path / "suite.toml"
+    suite.write_text(text)
+    code, err = run(capsys, suite)
+    assert code == 0, err
+    recs = records(tmp_path)
+
+    def ev(q, g):
+        return retrieval.evaluate(
+            retrieval.FeatureSet(q, query["labels"]), retrieval.FeatureSet(g, gallery["labels"])
+        )
+
+    from fct.methods.adapters import affine
+
+    t = {k: torch.from_numpy(v).double() for k, v in train.items() if k != "labels"}
+    to_old = affine(t["new"], t["old"], 1e-3)(torch.from_numpy(query["new"])).numpy()
+    to_new = affine(t["old"], t["new"], 1e-3)(torch.from_numpy(gallery["old"])).numpy()
+    want = {
+        "affine": ev(to_old, gallery["old"]),
+        "affine_g": ev(query["new"], to_new),
+        "independent": ev(query["new"], gallery["old"]),
+    }
+    for name, w in want.items():
+        cases = recs[name]["cases"]
+        assert cases["cross"]["mAP"] == pytest.approx(w["mAP"], abs=1e-3), name
+        assert cases["cross"]["n_query"] == 50 and cases["cross"]["n_gallery"] == 150
+        assert cases["old/old"]["mAP"] == pytest.approx(
+            ev(query["old"], gallery["old"])["mAP"], abs=1e-3
+        )
+        assert cases["new/new"]["mAP"] == pytest.approx(
+            ev(query["new"], gallery["new"])["mAP"], abs=1e-3
+        )
+    assert set(recs["affine"]["scenario_config"]["embeddings"]["digests"]) == {
+        "train",
+        "query",
+        "gallery",
+    }
+
+
+def test_embeddings_table_forms(tmp_path):
+    from fct.errors import FCTError
+
+    base = write_suite(tmp_path, ["affine"]).read_text()
+    for table, match in (
+        ('{ train = "train.npz" }', "either eval"),
+        ('{ train = "train.npz", eval = "eval.npz", query = "eval.npz" }', "either eval"),
+        ('{ train = "train.npz", query = "eval.npz" }', "query and gallery"),
+        ('{ eval = "eval.npz", trian = "train.npz" }', "trian"),
+        ('{ train = "nope.npz", eval = "eval.npz" }', "nope.npz"),
+    ):
+        text = base.replace('{ train = "train.npz", eval = "eval.npz" }', table)
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(FCTError, match=match):
+            load_suite(str(tmp_path / "bad.toml"))
