@@ -196,6 +196,8 @@ def _evaluate_query_gallery(
     costs: dict[str, Any] = {"backfill_fraction": dep.backfill_fraction}
     queries, gallery, t0 = new_q, old_g, time.perf_counter()
     if dep.query_update is not None:
+        if dep.transformation is not None or dep.gallery_update is not None:
+            raise FCTError("a deployment maps either its queries or its gallery, not both")
         with torch.inference_mode():
             queries = dep.query_update(new_q)
     elif dep.transformation is not None:
