@@ -310,3 +310,20 @@ def test_embeddings_table_forms(tmp_path):
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(FCTError, match=match):
             load_suite(str(tmp_path / "bad.toml"))
+
+
+def test_ranking_metrics_reach_the_records(tmp_path, capsys):
+    train, evals = make_arrays(200, seed=0), make_arrays(120, seed=1, noise=2.0)
+    suite = write_suite(tmp_path, ["affine"], train, evals)
+    text = suite.read_text().replace(
+        "curves = false", 'curves = false\nmetrics = ["recall@10", "mrr@10"]'
+    )
+    suite.write_text(text)
+    assert run(capsys, suite)[0] == 0
+    cases = records(tmp_path)["affine"]["cases"]
+    want = retrieval.evaluate(
+        retrieval.FeatureSet(evals["new"], evals["labels"]), ranking=("recall@10", "mrr@10")
+    )
+    assert cases["new/new"]["recall@10"] == pytest.approx(want["recall@10"], abs=1e-3)
+    assert cases["new/new"]["mrr@10"] == pytest.approx(want["mrr@10"], abs=1e-3)
+    assert {"recall@10", "mrr@10"} <= set(cases["cross"]) and "recall@1" not in cases["cross"]
