@@ -478,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(func=_cmd_list)
 
+    from fct.export import add_parser as add_export  # the subcommand's work is fct.export
+
+    add_export(sub)
+
     from fct.throughput.presets import SIZES
 
     bench = sub.add_parser("bench", help="throughput benchmarks")

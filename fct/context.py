@@ -38,6 +38,7 @@ from fct.embedding import (
     query_mask,
 )
 from fct.errors import FCTError
+from fct.precomputed import StoredData, StoredModel
 from fct.provenance import source_digest
 from fct.scenarios import EvalSpec, ModelSpec, Scenario, TransformationSpec
 from fct.session import Memo, Role, Session, Trained, loader_workers
@@ -108,6 +109,10 @@ class Context:
         #: What is computed once per scenario: models, embeddings, and what the runner keeps
         #: between the scenario's methods (the old/old evaluation, the kNN log line).
         self.memo = Memo()
+        #: A scenario on stored embeddings (fct.precomputed): its files, served by role; the
+        #: models are then ``StoredModel`` handles and nothing is trained but h.
+        emb = scenario.embeddings
+        self.stored = None if emb is None else StoredData(emb.paths())
 
     def __repr__(self) -> str:
         return f"Context(scenario={self.scenario.name!r}, session={self.session!r})"
@@ -149,6 +154,10 @@ class Context:
         if self.old_override is not None:
             return self.old_override
         spec = self.scenario.old
+        if self.stored is not None:
+            return self.memo.get_or_build(
+                ("model", spec), lambda: StoredModel("old", spec, self.stored)
+            )
         return self.memo.get_or_build(("model", spec), lambda: self._backbone(spec))
 
     def new_model(self, extra: ExtraLoss | None = None, tag: str | None = None) -> Trained:
@@ -157,6 +166,15 @@ class Context:
         ``tag`` names the model's cache entry (default: the term's name); methods pass their
         run name, so a suite's variants (``bct_scaled``) get entries of their own names."""
         spec = self.scenario.new
+        if self.stored is not None:
+            if extra is not None:
+                raise FCTError(
+                    f"a new model trained with {extra.name}'s loss needs images; scenario "
+                    f"'{self.scenario.name}' has stored embeddings only"
+                )
+            return self.memo.get_or_build(
+                ("model", spec, "None"), lambda: StoredModel("new", spec, self.stored)
+            )
         # A method's own loss term: its source file is part of the model's key, so editing
         # the method retrains the models it shaped (and nothing else).
         extra_key = (
@@ -185,6 +203,10 @@ class Context:
         spec = self.scenario.side
         if spec is None:
             return None
+        if self.stored is not None:
+            return self.memo.get_or_build(
+                ("side", spec), lambda: StoredModel("side", spec, self.stored)
+            )
         return self.memo.get_or_build(("side", spec), lambda: train_side(self.session, spec))
 
     def shared_digests(self) -> set[str]:
@@ -203,14 +225,22 @@ class Context:
         """Embeddings and labels of a data split by ``model`` (cached).
 
         ``data``: a ``Role`` or its value: ``Role.EVAL`` ("eval", the evaluation gallery),
-        ``Role.QUERY`` ("query", its queries: the same items unless the scenario's ``[eval]``
-        names a query set apart), ``Role.NEW_TRAIN`` or ``Role.OLD_TRAIN`` ("new-train",
-        "old-train": the new or old model's training data). ``view`` 0 is the images as they
-        are; view v > 0 is the split augmented as its model spec trains (draws fixed by the
-        run's seed and v), the same augmented images whichever model embeds them.
+        ``Role.QUERY`` ("query", its queries: the same items unless the scenario names a query
+        set apart), ``Role.NEW_TRAIN`` or ``Role.OLD_TRAIN`` ("new-train", "old-train": the new
+        or old model's training data). ``view`` 0 is the images as they are; view v > 0 is the
+        split augmented as its model spec trains (draws fixed by the run's seed and v), the
+        same augmented images whichever model embeds them.
+
+        On stored embeddings (``self.stored``) a model is a ``StoredModel`` and its embeddings
+        are its role's array of the training file (both training roles), of the eval file, or
+        of the query and gallery files.
         """
         sc = self.scenario
         role = Role.parse(data)
+        if self.stored is not None:
+            feats, labels = self._stored_embed(model, role, view)
+            key = {"data": ("stored", self.stored.digest())}
+            return self._query_cut(role, feats, labels, key)
         spec, split = {
             Role.EVAL: (sc.eval, sc.eval.gallery_data),
             Role.QUERY: (sc.eval, sc.eval.query_data),
@@ -224,6 +254,11 @@ class Context:
         feats, labels = self.memo.get_or_build(
             ("embed", str(key)), lambda: self._embed(model, spec, split, key)
         )
+        return self._query_cut(role, feats, labels, key)
+
+    def _query_cut(self, role: Role, feats, labels, key: dict):
+        """With ``[eval] query_fraction``, the queries' or the gallery's part of the split."""
+        sc = self.scenario
         if role in (Role.EVAL, Role.QUERY) and sc.eval.query_fraction is not None:
             # One split, cut into queries and gallery (the whole split is embedded once).
             keep = self.memo.get_or_build(
@@ -233,10 +268,41 @@ class Context:
             feats, labels = feats[keep], labels[keep]
         return feats, labels
 
+    def _stored_embed(self, model: Any, role: Role, view: int):
+        if view:
+            raise FCTError("augmented views need images; stored embeddings have view 0 only")
+        if not isinstance(model, StoredModel):
+            raise FCTError(f"{model.name} is an image model; this scenario has stored embeddings")
+        # The evaluation set's stored items, or its query and gallery files when apart.
+        split = {
+            Role.EVAL: "gallery" if self.stored.split else "eval",
+            Role.QUERY: "query" if self.stored.split else "eval",
+        }.get(role, "train")
+        return self.memo.get_or_build(
+            ("embed", model.digest, split), lambda: self.stored.tensors(split, model.role)
+        )
+
     def _embed(self, model: Trained, spec, split: str, key: dict):
         feats, labels, speed = embed_split(self.session, model, spec, split, key)
         self.memo[("embed-speed", model.digest)] = speed
         return feats, labels
+
+    @property
+    def separate_queries(self) -> bool:
+        """True when the queries are a set apart from the gallery (``[eval]`` query_split or
+        query_fraction, or stored query and gallery files): nothing excluded by index."""
+        return self.scenario.eval.separate or (self.stored is not None and self.stored.split)
+
+    def describe_data(self, role: Role) -> str:
+        """Where a role's evaluation items come from, for the log."""
+        ev = self.scenario.eval
+        if self.stored is not None:
+            return f"stored {'query' if role == Role.QUERY else 'gallery'} embeddings"
+        split = ev.query_data if role == Role.QUERY else ev.gallery_data
+        if ev.query_fraction is not None:
+            part = "queries" if role == Role.QUERY else "the rest"
+            return f"{ev.dataset}/{split}: {part} of a {ev.query_fraction:g} draw"
+        return f"{ev.dataset}/{split}"
 
     def embed_speed(self, model: Trained) -> float | None:
         """Images per second measured when ``model`` embedded a split (the backfill cost)."""

@@ -28,6 +28,11 @@ import numpy as np
 import torch
 
 METRIC_KEYS = ("top1", "top5", "mAP", "mAP@R")
+#: Ranking metrics a scenario may ask for (``[eval] metrics``), for data where a query has few
+#: relevant items (text retrieval): see ``ranking_summary``.
+RANKING_METRICS = ("recall@1", "recall@10", "recall@100", "mrr@10")
+#: The cut-offs whose hit counts every block keeps (Recall@k).
+RECALL_KS = (1, 10, 100)
 
 
 @dataclass
@@ -223,6 +228,9 @@ class BlockResult:
     ap: np.ndarray  # average precision over the full ranking
     ap_at_r: np.ndarray  # average precision at R (pytorch-metric-learning)
     n_pos: np.ndarray  # R
+    #: Per query, how many of its positives rank within the first k, for k in RECALL_KS
+    #: ([B, len(RECALL_KS)]; None from callers that do not count them).
+    hits: np.ndarray | None = None
 
 
 def block_metrics(
@@ -300,13 +308,53 @@ def block_metrics(
     within = valid & (rank <= npos_t[:, None])
     ap_r = (((offs[None, :] + 1).double() / rank.double()) * within.double()).sum(1) / denom
 
+    hits = recall_hits(rank, valid)
     skipped = n_pos <= 0
     first = rank[:, 0].numpy().copy()
     first[skipped] = -1
     ap_np, apr_np = ap.numpy().copy(), ap_r.numpy().copy()
     ap_np[skipped] = np.nan
     apr_np[skipped] = np.nan
-    return BlockResult(first, ap_np, apr_np, n_pos)
+    return BlockResult(first, ap_np, apr_np, n_pos, hits)
+
+
+def recall_hits(rank: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Per row, the number of its positives (``valid`` entries of the stable-order ``rank``
+    [B, R], 1-based) ranked within the first k, for each k of RECALL_KS: [B, len(RECALL_KS)]."""
+    return np.stack([((rank <= k) & valid).sum(1).numpy() for k in RECALL_KS], axis=1).astype(
+        np.int64
+    )
+
+
+def ranking_summary(results: list[BlockResult], asked: tuple[str, ...]) -> dict[str, float]:
+    """The ranking metrics ``asked`` (of RANKING_METRICS), in percent, over the scored queries
+    (those with at least one positive; the same queries as the other metrics).
+
+    - ``recall@k``: the mean over queries of (positives in the first k) / (all the query's
+      positives): BEIR's Recall@k (Thakur et al., NeurIPS 2021 Datasets and Benchmarks; the
+      ``recall_k`` of trec_eval / pytrec_eval), not capped at k, so with more than k
+      positives a query's recall@k is below 1 even for a perfect ranking.
+    - ``mrr@10``: the mean over queries of 1 / (rank of the first positive) when that rank
+      is at most 10, else 0 (MS MARCO's MRR@10, Nguyen et al. 2016).
+
+    Ranks are those of the CMC: ascending distance, ties by gallery index (a stable sort).
+    """
+    first = np.concatenate([r.first_rank for r in results])
+    n_pos = np.concatenate([r.n_pos for r in results])
+    ok = first > 0
+    out: dict[str, float] = {}
+    if not ok.any():
+        return {m: float("nan") for m in asked}
+    for m in asked:
+        if m == "mrr@10":
+            rr = np.where(first[ok] <= 10, 1.0 / np.maximum(first[ok], 1), 0.0)
+            out[m] = float(100.0 * rr.mean())
+        else:
+            k = int(m.split("@")[1])
+            col = RECALL_KS.index(k)
+            hits = np.concatenate([r.hits[:, col] for r in results])
+            out[m] = float(100.0 * np.mean(hits[ok] / n_pos[ok]))
+    return out
 
 
 def summarize(results: list[BlockResult]) -> dict[str, float | int]:

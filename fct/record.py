@@ -168,11 +168,12 @@ class RunRecord:
     artifact_weights: dict[str, str | None] | None = None
     models: dict[str, str] | None = None
     notes: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None  # fct.recovery: recall recovery, fit, latency
     provenance: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
 
     #: Keys not written when None: a scenario without backfilling curves has none of them.
-    OMITTED_WHEN_NONE = ("curves", "auc", "backfill_curves")
+    OMITTED_WHEN_NONE = ("curves", "auc", "backfill_curves", "recovery")
 
     def to_json(self) -> dict[str, Any]:
         """The record as plain JSON data (what ``write`` writes)."""

@@ -190,7 +190,26 @@ def validate_record(rec: Any, path: Path | str) -> dict[str, Any]:
     _validate_artifacts(rec, path)
     _validate_notes(rec, path)
     _validate_sequence(rec, path)
+    _validate_recovery(rec, path)
     return rec
+
+
+def _validate_recovery(rec: dict[str, Any], path: Path) -> None:
+    """Optional ``recovery`` (fct.recovery): recall recovery ``top1`` and ``mAP`` (cross over
+    new/new), ``direction``, ``fit_seconds``, ``query_latency_us`` {batch: microseconds}."""
+    if _optional(rec, path, "recovery", "dict") is None:
+        return
+    for key in ("top1", "mAP", "fit_seconds"):
+        value = _optional(rec, path, f"recovery.{key}", "number")
+        if value is not None and value < 0:
+            raise FCTError(f"{path}: key 'recovery.{key}' is negative ({value}); {_hint(rec)}")
+    _optional(rec, path, "recovery.direction", "str")
+    for batch, value in (_optional(rec, path, "recovery.query_latency_us", "dict") or {}).items():
+        if not _is_kind(value, "number|null") or (value is not None and value < 0):
+            raise FCTError(
+                f"{path}: key 'recovery.query_latency_us' holds {_shown(value)} for batch "
+                f"{_shown(batch)}, not a non-negative number; {_hint(rec)}"
+            )
 
 
 #: Optional keys the report shows or reads, with the type it needs.

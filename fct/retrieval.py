@@ -475,6 +475,7 @@ def evaluate(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = False,
     hits: bool = False,
+    ranking: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Evaluate retrieval of ``query`` against ``gallery``.
 
@@ -483,7 +484,8 @@ def evaluate(
     own gallery entry is excluded, as in leave-one-out. A separate gallery without ``paired``
     (a query set apart from the gallery) excludes nothing. Returns top1, top5, mAP, mAP@R
     (percent), n_query (queries scored), n_skipped (queries with no same-class item in the
-    gallery, left out of every metric), n_gallery, distance and backend.
+    gallery, left out of every metric), n_gallery, distance and backend; and the ``ranking``
+    metrics asked (fct.metrics.ranking_summary: recall@k, mrr@10).
 
     With ``hits=True`` it also returns, for flip rates (fct.flips), ``hits``: a bool array with
     one entry per query in query order, true where the first-ranked item is of the query's class
@@ -579,6 +581,7 @@ def evaluate(
             "check that query and gallery labels use the same class ids"
         )
     out.update(n_gallery=n, distance=distance, backend=backend)
+    out.update(metrics.ranking_summary(results, tuple(ranking)) if ranking else {})
     if hits:
         first = np.concatenate([r.first_rank for r in results])
         out["hits"], out["scored"] = first == 1, first > 0

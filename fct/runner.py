@@ -31,6 +31,7 @@ from fct.io import check_writable, read_json
 from fct.methods import Deployment
 from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
+from fct.recovery import recovery
 from fct.scenarios import Scenario, Suite, config_hash
 from fct.seeding import derive_seed
 from fct.sequence import check_sequence, run_sequence
@@ -109,9 +110,11 @@ def evaluate_deployment(
     the backfilling curves (``curves``, ``auc``, ``backfill_curves``: see fct.curves), the
     cases under cosine distance (``cases_cosine``) and ``diagnostics.cross_norm_ratio``.
 
-    Leave-one-out on the evaluation split, or, when the scenario's ``[eval]`` names a query
-    set apart (``Role.QUERY``), its queries against the gallery (``Role.EVAL``): the method
-    updates and backfills the gallery items only.
+    Leave-one-out on the evaluation split, or, when the scenario names a query set apart
+    (``[eval]`` query_split / query_fraction, or stored ``query`` and ``gallery`` files), its
+    queries (``Role.QUERY``) against the gallery (``Role.EVAL``): the method updates and
+    backfills the gallery items only. A query-side update (``Deployment.query_update``) maps
+    the new queries into the old space instead and keeps the old gallery.
 
     Under torchrun every rank takes part in embedding the evaluation data (sharded); the
     evaluation itself runs on rank 0, and the other ranks return None.
@@ -122,7 +125,7 @@ def evaluate_deployment(
     new_x, _ = ctx.embed(dep.query_model, Role.EVAL)
     side_x = ctx.embed(ctx.side_model(), Role.EVAL)[0] if dep.uses_side else None
     queries = None
-    if sc.eval.separate:
+    if ctx.separate_queries:
         old_q, q_labels = ctx.embed(old, Role.QUERY)
         queries = QuerySet(old_q, ctx.embed(dep.query_model, Role.QUERY)[0], q_labels)
     if not distributed.is_main():
@@ -130,24 +133,29 @@ def evaluate_deployment(
     opts = knn_options(ctx)
     if queries is not None and "sets-log" not in ctx.memo:  # once per scenario
         ctx.memo["sets-log"] = True
-        ev = sc.eval
-        how = f"{ev.query_fraction:g} of" if ev.query_fraction is not None else "from"
         log.info(
-            "%s: %d queries (%s %s/%s) against a gallery of %d (%s/%s), none excluded",
+            "%s: %d queries (%s) against a gallery of %d (%s), none excluded",
             sc.name,
             len(queries.labels),
-            how,
-            ev.dataset,
-            ev.query_data,
+            ctx.describe_data(Role.QUERY),
             len(labels),
-            ev.dataset,
-            ev.gallery_data,
+            ctx.describe_data(Role.EVAL),
         )
     costs: dict[str, Any] = {
         "backfill_fraction": dep.backfill_fraction,
         "backfill_images_per_s": ctx.embed_speed(dep.query_model),
     }
-    if dep.transformation is not None:
+    # The cross case's queries: the new model's, or mapped into the old space.
+    cross_q = new_x if queries is None else queries.new
+    if dep.query_update is not None:
+        # Query-side adaptation: new queries mapped into the old space, the old gallery kept.
+        if dep.transformation is not None or dep.gallery_update is not None:
+            raise FCTError("a deployment maps either its queries or its gallery, not both")
+        with torch.inference_mode():
+            cross_q = dep.query_update(cross_q)
+        gallery = old_x
+        costs["transform_embeddings_per_s"] = None
+    elif dep.transformation is not None:
         gallery, speed = apply_transformation(dep.transformation.module, old_x, side_x, ctx.device)
         costs["transform_embeddings_per_s"] = speed
     elif dep.gallery_update is not None:
@@ -158,12 +166,14 @@ def evaluate_deployment(
     else:
         gallery = old_x
         costs["transform_embeddings_per_s"] = None
-    if gallery.shape != new_x.shape:
+    if gallery.shape[1:] != cross_q.shape[1:] or len(gallery) != len(old_x):
         raise FCTError(
-            f"method's updated gallery has shape {tuple(gallery.shape)} but its queries {tuple(new_x.shape)}; "
-            "the gallery update must map old embeddings into the new model's space"
+            f"method's updated gallery has shape {tuple(gallery.shape)} but its queries "
+            f"{tuple(cross_q.shape)}; the gallery update must map old embeddings into the new "
+            "model's space"
+            + (" (its query update: new queries into the old space)" if dep.query_update else "")
         )
-    raw = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts, queries)
+    raw = _three_cases(ctx, old, old_x, new_x, gallery, labels, opts, queries, cross_q)
     # The same cases under cosine distance: a method whose embeddings change scale (BCT's grow
     # with a frozen classifier) shows it as a gap between the two (docs/baselines.md).
     cos_opts = {**opts, "distance": "cosine"}
@@ -171,15 +181,18 @@ def evaluate_deployment(
     cases_cosine = (
         cases
         if opts["distance"] == "cosine"
-        else _record_cases(_three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts, queries))
+        else _record_cases(
+            _three_cases(ctx, old, old_x, new_x, gallery, labels, cos_opts, queries, cross_q)
+        )
     )
-    cross_queries = new_x if queries is None else queries.new
-    diagnostics = {"cross_norm_ratio": _norm_ratio(cross_queries, gallery)}
+    diagnostics = {"cross_norm_ratio": _norm_ratio(cross_q, gallery)}
     t, b = costs.get("transform_embeddings_per_s"), costs.get("backfill_images_per_s")
     costs["speedup_vs_backfill"] = t / b if t and b else None
     # --- backfilling curves (fct.curves): the cross case as the gallery is re-encoded ---
+    # (none for a query-side update: a gallery part re-encoded with the new model and a part
+    # left old share no query space)
     curves = {}
-    if sc.eval.curves:
+    if sc.eval.curves and dep.query_update is None:
         own = None
         if dep.backfill_order is not None:
             own = (dep.backfill_order_name, dep.backfill_order)
@@ -210,11 +223,21 @@ class QuerySet:
 
 
 def _three_cases(
-    ctx: Context, old, old_x, new_x, gallery, labels, opts: dict, queries: QuerySet | None = None
+    ctx: Context,
+    old,
+    old_x,
+    new_x,
+    gallery,
+    labels,
+    opts: dict,
+    queries: QuerySet | None = None,
+    cross_q: torch.Tensor | None = None,
 ) -> dict[str, dict]:
-    """old/old, new/new and cross (new queries against the updated gallery), each with its
-    per-query ``hits`` (fct.retrieval.evaluate(hits=True)). Leave-one-out (the cross case
-    paired: a query's own item excluded) unless ``queries`` is a set apart from the gallery."""
+    """old/old, new/new and cross (``cross_q``, the new queries or their query-side update,
+    against the updated gallery), each with its per-query ``hits``
+    (fct.retrieval.evaluate(hits=True)) and the scenario's ranking metrics. Leave-one-out (the
+    cross case paired: a query's own item excluded) unless ``queries`` is a set apart."""
+    opts = {**opts, "ranking": ctx.scenario.eval.metrics or ()}
 
     def run(q, q_labels, g, name: str, paired: bool = False) -> dict:
         gal = None if g is None else _features(g, labels, f"{name} gallery")
@@ -228,14 +251,16 @@ def _three_cases(
             ("old/old", old.digest, str(opts)), lambda: run(old_x, labels, None, "old/old")
         )
         cases["new/new"] = run(new_x, labels, None, "new/new")
-        cases["cross"] = run(new_x, labels, gallery, "cross", paired=True)
+        cross_q = new_x if cross_q is None else cross_q
+        cases["cross"] = run(cross_q, labels, gallery, "cross", paired=True)
     else:
         cases["old/old"] = ctx.memo.get_or_build(
             ("old/old", old.digest, str(opts)),
             lambda: run(queries.old, queries.labels, old_x, "old/old"),
         )
         cases["new/new"] = run(queries.new, queries.labels, new_x, "new/new")
-        cases["cross"] = run(queries.new, queries.labels, gallery, "cross")
+        cross_q = queries.new if cross_q is None else cross_q
+        cases["cross"] = run(cross_q, queries.labels, gallery, "cross")
     return cases
 
 
@@ -290,7 +315,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         outcome = run_sequence(ctx.session, sc, method, opts.seed, knn_options(ctx))
         if outcome is None:  # a rank other than 0
             return path
-        cases, costs, curves = outcome.cases, outcome.costs, {}
+        cases, costs, curves, fitted = outcome.cases, outcome.costs, {}, None
         used, shared, roles, notes = outcome.used, outcome.shared, outcome.roles, outcome.notes
         extra["sequence"] = outcome.sequence
     else:
@@ -299,6 +324,7 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         if evaluated is None:  # a rank other than 0: its part (training, embedding) is done
             return path
         cases, costs, curves = evaluated
+        fitted = dep
         used, shared = _used_artifacts(ctx, dep), ctx.shared_digests()
         roles, notes = _model_roles(ctx, dep), dep.notes
     own = sum(a.train_seconds for a in used.values() if a.digest not in shared)
@@ -323,6 +349,10 @@ def run_one(ctx: Context, method_name: str, opts: RunOptions) -> Path:
         artifacts={name: a.digest for name, a in used.items()},
         artifact_weights={name: a.entry.weights_digest() for name, a in used.items()},
         models=roles,
+        # fct.recovery: how much of the new model's retrieval the update recovers
+        recovery=None
+        if fitted is None
+        else recovery(cases, fitted, costs["train_seconds_method"], sc.new.embedding_dim),
         notes=json.loads(json.dumps(notes, default=str)),  # Deployment.notes
         provenance={
             **provenance(str(ctx.device), opts.seed, wall),
@@ -393,6 +423,12 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
             check_sequence(sc, method) if sc.is_sequence else method.check(sc)
         except FCTError as e:
             refused[m] = str(e)
+    if ctx.stored is not None:  # stored embeddings: their files, not images, are checked
+        try:
+            ctx.stored.check()
+        except FCTError as e:
+            raise FCTError(f"scenario '{sc.name}' [embeddings]: {e}") from e
+        return refused
     roles = [("old", sc.old), ("new", sc.new), ("side", sc.side), ("eval", sc.eval)]
     roles += [(f"models[{k}]", spec) for k, spec in enumerate(sc.models)]
     for role, spec in roles:

@@ -27,6 +27,7 @@ from typing import Any
 from fct.errors import FCTError
 from fct.hashing import _plain, config_hash  # noqa: F401  (config_hash: re-exported)
 from fct.registry import did_you_mean
+from fct.stored_spec import EmbeddingsSpec, stored_embeddings
 from fct.suite_checks import (  # noqa: F401  (parse_set: re-exported)
     ARCH_ARGS,
     NAME_MAX,
@@ -123,10 +124,13 @@ class EvalSpec:
     query_split: str | None = None  # the queries' split, apart from the gallery's
     gallery_split: str | None = None  # the gallery's split with query_split (default: split)
     query_fraction: float | None = None  # a share of the split's items made queries
+    # Ranking metrics beside the default ones (fct.metrics.RANKING_METRICS): "recall@1",
+    # "recall@10", "recall@100", "mrr@10".
+    metrics: tuple[str, ...] | None = None
 
     #: Keys that enter ``as_dict`` (and so the config hash) only when set, so scenarios
     #: written before they existed keep their hashes.
-    OPTIONAL = ("query_split", "gallery_split", "query_fraction")
+    OPTIONAL = ("query_split", "gallery_split", "query_fraction", "metrics")
 
     @property
     def separate(self) -> bool:
@@ -186,6 +190,7 @@ class Scenario:
     #: A sequence scenario's model generations, oldest first (three or more; fct.sequence);
     #: ``old`` is then the first and ``new`` the last. Empty for an old/new pair.
     models: tuple[ModelSpec, ...] = ()
+    embeddings: EmbeddingsSpec | None = None  # stored embeddings instead of images
 
     @property
     def is_sequence(self) -> bool:
@@ -195,12 +200,16 @@ class Scenario:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of the scenario (stored in every run record); each method's
         settings are in its own record's ``method_config``, not here. A pair has no
-        ``models`` key (so the hashes of pair scenarios are what they always were)."""
-        out = _plain(self)
+        ``models`` key, an image scenario no ``embeddings`` key (so the hashes of the
+        scenarios written before them are what they always were)."""
+        out = _plain(dataclasses.replace(self, embeddings=None))
         del out["method_specs"]
+        del out["embeddings"]
         out["eval"] = self.eval.as_dict()  # its optional keys only when set
         if not self.models:
             del out["models"]
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings.as_dict()
         return out
 
     def results_key(self) -> dict[str, Any]:
@@ -257,7 +266,15 @@ class Suite:
 _SECTIONS = {"suite", "defaults", "scenario", "methods"}
 _SUITE_KEYS = {"name", "description", "methods"}
 _DEFAULT_KEYS = {"model", "old", "new", "side", "transformation", "eval", "methods", "paper"}
-_SCENARIO_KEYS = _DEFAULT_KEYS | {"name", "kinds", "description", "side_info", "settings", "models"}
+_SCENARIO_KEYS = _DEFAULT_KEYS | {
+    "name",
+    "kinds",
+    "description",
+    "side_info",
+    "settings",
+    "models",
+    "embeddings",
+}
 
 
 def _build(cls: type, merged: dict, where: str) -> Any:
@@ -279,6 +296,8 @@ def _build(cls: type, merged: dict, where: str) -> Any:
             value = tuple(
                 sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in value.items())
             )
+        elif key == "metrics":
+            value = tuple(_string_list(value, "metrics", where))
         elif key == "classes" and value is not None:
             if not (
                 isinstance(value, list)
@@ -482,6 +501,10 @@ def _parse_scenario(
         raise FCTError(f"{where}: paper must be true or false, got {paper!r}")
     per_scenario = entry.get("settings", {})
     names = set(methods) | set(tables) | set(per_scenario) | set(overrides)
+    stored = None
+    if "embeddings" in entry:
+        stored, specs = stored_embeddings(entry["embeddings"], path, specs, where)
+        use_side = specs["side"] is not None
     sc = Scenario(
         name=sname,
         suite=suite_name,
@@ -500,6 +523,7 @@ def _parse_scenario(
         description=description,
         paper=paper,
         models=generations,
+        embeddings=stored,
     )
     _validate_scenario(sc, where)
     return sc

@@ -309,9 +309,46 @@ def _validate_scenario(sc: Scenario, where: str) -> None:
         raise FCTError(f"{where} [eval]: max_per_class must be a positive integer")
     _validate_eval_sets(sc.eval, f"{where} [eval]")
     _validate_transformation(sc.transformation, f"{where} [transformation]")
+    from fct.metrics import RANKING_METRICS
+
+    for m in sc.eval.metrics or ():
+        if m not in RANKING_METRICS:
+            raise FCTError(
+                f"{where} [eval]: unknown metric {m!r}{did_you_mean(m, RANKING_METRICS)}; "
+                f"metrics can be {', '.join(RANKING_METRICS)}"
+            )
+    if sc.embeddings is not None and (
+        sc.transformation.features != "cached" or sc.transformation.views != 1
+    ):
+        raise FCTError(
+            f"{where} [transformation]: a scenario on stored embeddings fits h on them as they "
+            "are: features = 'cached' and views = 1 (augmented views need images)"
+        )
+    if sc.embeddings is not None:
+        _validate_stored_eval(sc, where)
     if "fct_side" in sc.methods and sc.side is None:
         raise FCTError(
             f"{where}: method fct_side needs side-information; remove side_info = false or the method"
+        )
+
+
+def _validate_stored_eval(sc: Scenario, where: str) -> None:
+    """A scenario on stored embeddings has no image splits: its queries come apart through
+    query and gallery files or ``query_fraction``, and it is one update, not a sequence."""
+    if sc.models:
+        raise FCTError(
+            f"{where}: a sequence scenario needs a model per generation; stored embeddings hold "
+            "an old and a new model only (remove kind 'sequence' or the embeddings table)"
+        )
+    if sc.eval.query_split is not None or sc.eval.gallery_split is not None:
+        raise FCTError(
+            f"{where} [eval]: query_split and gallery_split name image splits; on stored "
+            "embeddings give embeddings = { train, query, gallery } files instead"
+        )
+    if sc.eval.query_fraction is not None and "query" in sc.embeddings.paths():
+        raise FCTError(
+            f"{where} [eval]: query_fraction and the stored query file both name the queries; "
+            "keep one"
         )
 
 

@@ -12,6 +12,7 @@ from fct.errors import FCTError
 from fct.methods.base import METHODS, Deployment, Method, Settings, make_settings, register_method
 
 # Import every built-in module explicitly, so no built-in is "unknown" for want of an import.
+from fct.methods import adapters  # noqa: E402,F401  isort: skip
 from fct.methods import baselines  # noqa: E402,F401  isort: skip
 from fct.methods import fastfill  # noqa: E402,F401  isort: skip
 from fct.methods import l2_bct  # noqa: E402,F401  isort: skip

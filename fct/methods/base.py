@@ -70,6 +70,12 @@ class Deployment:
       gallery's indices (the evaluation split's order), most urgent first (e.g. FastFill's
       decreasing uncertainty). The backfilling curves (fct.curves) then get an extra curve
       under the name ``backfill_order_name``, beside the random order every method gets.
+    - ``query_update(new_queries) -> queries in the old space``: the other direction (the
+      query-side adapters): new queries are mapped into the old model's space and searched
+      against the untouched old gallery (zero backfill); the cross case is then adapted new
+      queries against the old gallery. Exclusive with ``transformation`` and ``gallery_update``.
+    - ``fit_seconds``: the method's own fit time, when it measures it (else the records use
+      the training time of what was trained for it alone).
     """
 
     query_model: Trained
@@ -81,6 +87,18 @@ class Deployment:
     notes: dict[str, Any] = field(default_factory=dict)
     backfill_order: torch.Tensor | None = None
     backfill_order_name: str = "method"
+    query_update: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fit_seconds: float | None = None
+
+
+def require_images(scenario: Scenario, what: str) -> None:
+    """FCTError when ``scenario`` has stored embeddings only (no images to train on): a
+    method's ``check`` calls it when it trains an image model. ``what`` says what it trains."""
+    if getattr(scenario, "embeddings", None) is not None:
+        raise FCTError(
+            f"{what}, which needs images; scenario '{scenario.name}' has stored embeddings "
+            "only: drop the method from its methods"
+        )
 
 
 @dataclass(frozen=True)

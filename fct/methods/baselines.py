@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fct.errors import FCTError
-from fct.methods.base import Deployment, Method, Settings, register_method
+from fct.methods.base import Deployment, Method, Settings, register_method, require_images
 from fct.methods.old_batch import check_equal_dims
 from fct.record import BASELINE
 from fct.session import Role
@@ -152,6 +152,7 @@ class BCT(Method):
         """Equal embedding sizes, an old model with a classifier, a usable smoothing."""
         from fct.losses import check_bct_dims
 
+        require_images(scenario, "BCT trains a new model")
         check_bct_dims(scenario.old.embedding_dim, scenario.new.embedding_dim)
         if scenario.old.loss not in ("ce", "cosface", "arcface"):
             raise FCTError(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fct.errors import FCTError
-from fct.methods.base import Deployment, Method, Settings, register_method
+from fct.methods.base import Deployment, Method, Settings, register_method, require_images
 from fct.methods.old_batch import OldBatchLoss, check_equal_dims
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class L2BCT(Method):
 
     def check(self, scenario: Scenario) -> None:
         """The new embedding is compared with the old one: their sizes must be equal."""
+        require_images(scenario, "L2-BCT trains a new model")
         check_equal_dims("L2-BCT", scenario.old.embedding_dim, scenario.new.embedding_dim)
 
     def fit(self, ctx: Context) -> Deployment:

@@ -29,6 +29,8 @@ COSINE_METRICS = ("cross_cos_top1", "cross_cos_mAP")
 NORM_METRICS = ("cross_norm_ratio",)
 #: Shown when any record is of a sequence scenario (blank for the other scenarios).
 SEQUENCE_METRICS = ("seq_AC", "seq_mean_mAP")
+#: Recall recovery (cross / new/new), shown when any record has the ``recovery`` key.
+RECOVERY_METRICS = ("recovery_top1", "recovery_mAP")
 #: Averaged over scenarios; the last one orders the board.
 MEAN_METRICS = ("cross_top1", "cross_mAP")
 SORT_METRIC = "cross_mAP"
@@ -49,7 +51,9 @@ DIAGNOSTICS = (
     "cos top-1 / cos mAP: the cross case under cosine distance (the paper tables keep the "
     "scenario's own distance); a gap to the cross columns means the embeddings' scale matters. "
     "norm ratio: mean norm of the cross case's queries / mean norm of its gallery (1 = same "
-    "scale). Blank: the record predates these measurements."
+    "scale). recovery top-1 / recovery mAP: recall recovery, the cross case's metric over the "
+    "new/new case's (1 = as good as re-embedding the whole gallery with the new model). Blank: "
+    "the record predates these measurements."
 )
 FLIPS = (
     "NFR: negative flip rate, the share of queries whose nearest neighbour is of the right "
@@ -98,6 +102,8 @@ def scenario_metrics(summary: Summary) -> list[str]:
         keys += NORM_METRICS
     if any(r.get("sequence") for r in summary.records):
         keys += SEQUENCE_METRICS
+    if any(r.get("recovery") for r in summary.records):
+        keys += RECOVERY_METRICS
     return [*keys, *(f"auc_{o}" for o in summary.auc_orders)]
 
 
@@ -210,7 +216,7 @@ def leaderboard_table(summary: Summary, rows: list[Row] | None = None) -> Table:
     notes = [CRITERION, DEFINITIONS]
     if any(k in keys for k in FLIP_METRICS):
         notes.append(FLIPS)
-    if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS)):
+    if any(k in keys for k in (*COSINE_METRICS, *NORM_METRICS, *RECOVERY_METRICS)):
         notes.append(DIAGNOSTICS)
     if any(k in keys for k in SEQUENCE_METRICS):
         notes.append(SEQUENCE_NOTE)

@@ -140,6 +140,17 @@ def _cost(key: str) -> Extract:
     return extract
 
 
+def _recovery(key: str, batch: str | None = None) -> Extract:
+    """A number of the record's optional ``recovery`` (fct.recovery); ``batch``: a latency."""
+
+    def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
+        node = rec.get("recovery") or {}
+        value = (node.get(key) or {}).get(batch) if batch else node.get(key)
+        return None if value is None else float(value)
+
+    return extract
+
+
 def _gain(key: str) -> Extract:
     def extract(rec: Record, ref: dict[str, Any] | None) -> float | None:
         return float(rec["cases"]["cross"][key]) - float(rec["cases"]["old/old"][key])
@@ -321,6 +332,59 @@ METRICS.update(
                 higher_is_better=True,
                 extract=_sequence("mean"),
                 lim=PERCENT,
+            ),
+            Metric(
+                key="recovery_top1",
+                label="recovery top-1",
+                description="recall recovery: cross top-1 / new/new top-1",
+                unit="",
+                higher_is_better=True,
+                extract=_recovery("top1"),
+                lim=(0.0, None),
+                decimals=3,
+            ),
+            Metric(
+                key="recovery_mAP",
+                label="recovery mAP",
+                description="recall recovery: cross mAP / new/new mAP",
+                unit="",
+                higher_is_better=True,
+                extract=_recovery("mAP"),
+                lim=(0.0, None),
+                decimals=3,
+            ),
+            Metric(
+                key="fit_seconds",
+                label="fit s",
+                description="the method's own fit (adapter, h): seconds",
+                unit="s",
+                higher_is_better=False,
+                extract=_recovery("fit_seconds"),
+                lim=(0.0, None),
+                decimals=2,
+                sci=True,
+            ),
+            Metric(
+                key="query_latency_us_1",
+                label="µs/query b1",
+                description="added latency per query of a query-side map, batch 1",
+                unit="µs",
+                higher_is_better=False,
+                extract=_recovery("query_latency_us", "1"),
+                lim=(0.0, None),
+                decimals=2,
+                sci=True,
+            ),
+            Metric(
+                key="query_latency_us_1024",
+                label="µs/query b1024",
+                description="added latency per query of a query-side map, batch 1024",
+                unit="µs",
+                higher_is_better=False,
+                extract=_recovery("query_latency_us", "1024"),
+                lim=(0.0, None),
+                decimals=3,
+                sci=True,
             ),
             Metric(
                 key="backfill_fraction",

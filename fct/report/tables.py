@@ -282,15 +282,23 @@ def _notes(
     return notes
 
 
+#: Cost columns from the records' optional ``recovery`` key (fct.recovery), shown when any
+#: record of the scenario has it.
+RECOVERY_COSTS = ("fit_seconds", "query_latency_us_1", "query_latency_us_1024")
+
+
 def cost_table(summary: Summary, scenario: str) -> Table:
-    """Update costs per method: backfilled fraction, throughputs, speed-up, training time."""
-    header = ["method", *(f"{METRICS[k].label}" for k in COST_METRICS)]
+    """Update costs per method: backfilled fraction, throughputs, speed-up, training time;
+    the methods' own fit time and query-side latency when the records have them."""
+    has_recovery = any(r.get("recovery") and r["scenario"] == scenario for r in summary.records)
+    keys = COST_METRICS + (RECOVERY_COSTS if has_recovery else ())
+    header = ["method", *(f"{METRICS[k].label}" for k in keys)]
     rows = []
     split_missing = False
     for m in summary.methods_in(scenario):
         cell = summary.cells[(scenario, m)]
         line = [cell.label]
-        for k in COST_METRICS:
+        for k in keys:
             stat = cell.stats[k]
             if k in TRAIN_SPLIT and stat.n == 0:
                 line.append(NOT_RECORDED)  # a record written before the split existed
@@ -302,7 +310,7 @@ def cost_table(summary: Summary, scenario: str) -> Table:
         "; ".join(
             f"{METRICS[k].label}: {METRICS[k].description}"
             + (f" ({METRICS[k].unit})" if METRICS[k].unit else "")
-            for k in COST_METRICS
+            for k in keys
         )
         + ". s / item = backfilled share / backfill throughput + the rest / h throughput "
         "(0: nothing is updated). Training times are those of the runs that trained each "
@@ -313,7 +321,7 @@ def cost_table(summary: Summary, scenario: str) -> Table:
             f"{NOT_RECORDED}: the record predates the split of training time into the "
             "method's own and the shared models'; only the total is known."
         )
-    return Table(header, rows, ["l"] + ["r"] * len(COST_METRICS), notes=notes)
+    return Table(header, rows, ["l"] + ["r"] * len(keys), notes=notes)
 
 
 _SPEC_FORMAT = {

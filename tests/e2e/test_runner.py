@@ -74,7 +74,7 @@ def test_records_are_run_records_with_the_method_traits(tiny_run):
             *("config_hash", "method_source", "scenario_config", "method_config", "cases"),
             *("costs", "curves", "auc", "backfill_curves", "cases_cosine", "diagnostics"),
             *("artifacts", "artifact_weights"),
-            *("models", "notes", "provenance"),
+            *("models", "notes", "recovery", "provenance"),
         }
     traits = {name: RunRecord.read(p).traits for name, p in _paths(out).items()}
     assert traits["independent"].role == "baseline" and traits["fct"].role == "method"
