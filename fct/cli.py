@@ -1,4 +1,4 @@
-"""The ``fct`` command line: evaluate, run, list, report, bench.
+"""The ``fct`` command line: evaluate, run, list, report, bench, transform.
 
 Every user-facing error is an FCTError: printed as one ``error: ...`` line naming the fix, exit
 status 2, no traceback.
@@ -277,6 +277,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         lines = LOSSES.names(pattern)
         if fnmatch.fnmatchcase("simclr", pattern):
             lines.append("simclr (side-information only)")
+    elif what == "transformations":
+        from fct.transform_models import cached_transformations
+
+        for name, meta in cached_transformations(args.cache):
+            if fnmatch.fnmatchcase(name, pattern):
+                lines.append(f"{name}  (trained {meta.get('train_seconds', 0):.0f} s)")
     elif what == "suites":
         from fct.scenarios import list_suites, load_suite
 
@@ -470,13 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="scenarios",
-        choices=("suites", "scenarios", "methods", "datasets", "losses"),
+        choices=("suites", "scenarios", "methods", "datasets", "losses", "transformations"),
     )
+    ls.add_argument("--cache", help="cache folder listed by `transformations` (default $FCT_CACHE)")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter")
     ls.add_argument(
         "--plugin", action="append", help="module or .py file registering extra methods"
     )
     ls.set_defaults(func=_cmd_list)
+
+    from fct import transform
+
+    tf = sub.add_parser("transform", help="stream a gallery of .npy shards through a trained h")
+    transform.add_arguments(tf)
+    tf.set_defaults(func=lambda a: transform.command(a))
 
     from fct.throughput.presets import SIZES
 
