@@ -25,7 +25,8 @@ and alone writes them; no collective is needed.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import io
 import logging
 import os
 import time
@@ -274,9 +275,23 @@ def _warm(mapper: Mapper, batch: int) -> None:
     mapper(torch.zeros(batch, mapper.d_in), side)
 
 
+def _advise_ahead(arr: np.ndarray, fd: int | None, a: int, b: int) -> None:
+    """Ask the kernel to start reading rows ``a:b`` of the mapped shard in the background
+    (POSIX_FADV_WILLNEED): the disk works while h computes, without a reader thread that would
+    take a core from h's threads (docs/throughput.md, finding 5)."""
+    if fd is None or b <= a or not hasattr(os, "posix_fadvise"):
+        return
+    row = arr.shape[1] * arr.dtype.itemsize
+    os.posix_fadvise(
+        fd, int(getattr(arr, "offset", 0)) + a * row, (b - a) * row, os.POSIX_FADV_WILLNEED
+    )
+
+
 def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, bar) -> dict:
     """Write ``out_dir/NAME.npy`` (atomically) and return its record's ``output`` part."""
-    from fct.io import atomic_path, sha256_regular
+    import hashlib
+
+    from fct.io import atomic_path
 
     arr = _open(shard.path, mapper.d_in, "gallery")
     side = _open(shard.side, mapper.d_side, "side-information") if shard.side is not None else None
@@ -286,32 +301,42 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
         "fortran_order": False,
         "shape": (shard.rows, mapper.d_out),
     }
-    starts = list(range(0, shard.rows, batch))
-
-    def read(a: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b = min(a + batch, shard.rows)
-        return _rows(arr, a, b), None if side is None else _rows(side, a, b)
-
-    with (
-        atomic_path(target) as tmp,
-        open(tmp, "wb") as fh,
-        concurrent.futures.ThreadPoolExecutor(1) as pool,
-    ):
-        np.lib.format.write_array_header_1_0(fh, header)
-        # The next block is read (page faults, disk) while h runs on this one.
-        ahead = pool.submit(read, starts[0]) if starts else None
-        for i, a in enumerate(starts):
-            old, s = ahead.result()
-            ahead = pool.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+    digest, size = hashlib.sha256(), 0
+    with contextlib.ExitStack() as stack:
+        fds = []
+        for path in (shard.path, shard.side):
+            fd = os.open(path, os.O_RDONLY) if path is not None else None
+            if fd is not None:
+                stack.callback(os.close, fd)
+            fds.append(fd)
+        tmp = stack.enter_context(atomic_path(target))
+        fh = stack.enter_context(open(tmp, "wb"))
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, header)
+        chunks = [head.getvalue()]
+        _advise_ahead(arr, fds[0], 0, min(batch, shard.rows))
+        for a in range(0, shard.rows, batch):
+            b = min(a + batch, shard.rows)
+            _advise_ahead(arr, fds[0], b, min(b + batch, shard.rows))
+            if side is not None:
+                _advise_ahead(side, fds[1], b, min(b + batch, shard.rows))
+            old = _rows(arr, a, b)
             _check_finite(old, shard.path, a)
+            s = None if side is None else _rows(side, a, b)
             if s is not None:
                 _check_finite(s, shard.side, a)
-            y = mapper(old, s)
-            fh.write(y.numpy().astype(shard.dtype, copy=False).tobytes())
-            bar.update(len(old))
-        fh.flush()
-    sha, size = sha256_regular(target)
-    return {"bytes": size, "sha256": sha, "rows": shard.rows}
+            chunks.append(mapper(old, s).numpy().astype(shard.dtype, copy=False).tobytes())
+            for chunk in chunks:  # the record's sha256 is of the bytes written, not reread
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            chunks = []
+            bar.update(b - a)
+        for chunk in chunks:  # an empty shard: the header alone
+            fh.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest(), "rows": shard.rows}
 
 
 def transform_gallery(
