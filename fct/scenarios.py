@@ -39,6 +39,8 @@ from fct.suite_checks import (  # noqa: F401  (parse_set: re-exported)
     apply_set_paths,
     check_name,
     parse_set,  # noqa: F401  (ARCH_ARGS, NAME_MAX: re-exported)
+    resolve_weights,
+    weights_identity,
 )
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -68,6 +70,12 @@ class ModelSpec:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     augment: str = "supervised"
+    # Trained weights instead of training: an absolute .safetensors path (the suite file's
+    # relative path, resolved on load) or "timm:TAG". Hashed as the file's sha256 and only
+    # when set, so specs without it keep their hashes.
+    weights: str | None = field(
+        default=None, metadata={"hash_when_set": True, "plain": weights_identity}
+    )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples of pairs become dicts)."""
@@ -390,6 +398,8 @@ def _parse_scenario(
         )
         if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
             merged["loss"] = "simclr"  # side-information is self-supervised unless told otherwise
+        if merged.get("weights") is not None:
+            merged["weights"] = resolve_weights(merged["weights"], path, f"{where} [{role}]")
         specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
     use_side = entry.get("side_info", True)
     if not isinstance(use_side, bool):
