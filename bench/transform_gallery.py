@@ -34,8 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# As fct's command line does before torch loads (fct/cli.py): idle OpenMP threads sleep
+# instead of spinning, so the in-memory h runs under the same conditions as `fct transform`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -196,12 +200,17 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument(
+        "--threads", type=int, help="torch threads, here and in fct transform (FCT_THREADS)"
+    )
+    p.add_argument(
         "--work",
         default=str(ROOT / ".bench-transform"),
         help="scratch folder (gallery kept for reruns)",
     )
     p.add_argument("--out", default=str(ROOT / "results" / "bench"))
     args = p.parse_args()
+    if args.threads:
+        os.environ["FCT_THREADS"] = str(args.threads)  # fct transform's subprocesses too
     from fct.threads import configure_threads
 
     configure_threads(quiet=True)

@@ -280,9 +280,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     elif what == "transformations":
         from fct.transform_models import cached_transformations
 
-        for name, meta in cached_transformations(args.cache):
+        for name, what in cached_transformations(args.cache):
             if fnmatch.fnmatchcase(name, pattern):
-                lines.append(f"{name}  (trained {meta.get('train_seconds', 0):.0f} s)")
+                lines.append(f"{name}  {what}")
     elif what == "suites":
         from fct.scenarios import list_suites, load_suite
 

@@ -195,21 +195,42 @@ def load_file(path: Path) -> Mapper:
 # --- the cache --------------------------------------------------------------------------------
 
 
-def cached_transformations(cache: str | os.PathLike[str] | None) -> list[tuple[str, dict]]:
-    """(``NAME-DIGEST``, meta.json) of every finished, verified transformation in the cache."""
-    from fct.artifacts import default_cache_dir, list_entries
+def cached_transformations(cache: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
+    """(``NAME-DIGEST``, a description) of every finished, verified transformation in the
+    cache: h's widths read from its file's header (no tensor is loaded) and its training time."""
+    from fct.artifacts import TENSORS, default_cache_dir, list_entries
+    from fct.pretrained import file_shapes
 
     root = Path(cache) if cache is not None else default_cache_dir()
-    return [(e.path.name, meta) for e, meta in list_entries(root, "transformations")]
+    out = []
+    for entry, meta in list_entries(root, "transformations"):
+        shapes = {k: (v, 0) for k, v in file_shapes(str(entry.path / TENSORS)).items()}
+        try:
+            c = _h_config(shapes, entry.key, entry.path.name)
+            what = f"h {c['d_old']}->{c['d_new']}" + (
+                f" + side {c['d_side']}" if c["d_side"] else ""
+            )
+            what += f", hidden {c['hidden']}"
+        except FCTError:
+            what = "a method's own transformation"
+        out.append(
+            (entry.path.name, f"{what}, trained {float(meta.get('train_seconds', 0)):.0f} s")
+        )
+    return out
 
 
 def _h_config(tensors: dict[str, torch.Tensor], key: dict, where: str) -> dict:
     """h's dimensions read off its tensors (the key says whether it had side-information)."""
+
+    def shape(name: str) -> tuple[int, ...]:
+        t = tensors[name]
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t[0])
+
     try:
-        d_old = int(tensors["old_branch.0.0.weight"].shape[1])
-        d_new, hidden = (int(n) for n in tensors["mixer.2.weight"].shape)
-        d_side_in = int(tensors["side_branch.0.0.weight"].shape[1])
-    except (KeyError, IndexError, ValueError):
+        d_old = int(shape("old_branch.0.0.weight")[1])
+        d_new, hidden = (int(n) for n in shape("mixer.2.weight"))
+        d_side_in = int(shape("side_branch.0.0.weight")[1])
+    except (KeyError, IndexError, ValueError, TypeError):
         raise FCTError(
             f"{where} is not FCT's h (a method's own transformation); fct transform applies FCT's h"
         ) from None

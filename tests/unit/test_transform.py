@@ -218,7 +218,7 @@ def test_cache_entries_are_listed_and_loaded(tmp_path):
     entry = cache.entry("transformations", "h-new", {"h": {"hidden": 32}, "side": None, "seed": 0})
     entry.save(h.state_dict(), {"train_seconds": 1.5})
     listed = cached_transformations(tmp_path / "cache")
-    assert [name for name, _ in listed] == [entry.path.name]
+    assert listed == [(entry.path.name, "h 16->8, hidden 32, trained 2 s")]
     mapper = load_artifact(entry.path.name, tmp_path / "cache")
     (x,) = gallery(tmp_path / "in", [25])
     transform_gallery(mapper, tmp_path / "in", tmp_path / "out")
