@@ -128,11 +128,9 @@ def in_process_rows_per_s(
 
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(paths)
-    c0 = time.process_time()
     summary = transform_gallery(mapper, gallery, out, batch=batch, progress=False)
-    cpu = time.process_time() - c0
     shutil.rmtree(out, ignore_errors=True)
-    return summary.rows_per_s, summary.rows / cpu
+    return summary.rows_per_s, summary.rows / summary.cpu_seconds
 
 
 def transform_rows_per_s(
@@ -165,7 +163,7 @@ def bench_size(
     h = Transformation(ref.d_old, ref.d_new, 0, ref.hidden).eval()
     model = save_transformation(h, work / f"h-{name}.safetensors")
     mapper = load_artifact(str(model))
-    probe = memory_rows_per_s(mapper, 4 * batch, batch)
+    probe = memory_rows_per_s(mapper, 4 * batch, batch)[0]
     cap = int(max_gb * (1 << 30) / (WIDTH * 4))
     rows = min(cap, int(probe * seconds))
     rows = max(rows - rows % shards, shards)

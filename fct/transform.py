@@ -79,6 +79,8 @@ class Summary:
     skipped: int
     rows: int
     seconds: float
+    #: CPU time of this process (all its threads) over the same span as ``seconds``.
+    cpu_seconds: float = 0.0
 
     @property
     def rows_per_s(self) -> float:
@@ -370,7 +372,7 @@ def transform_gallery(
     rows = sum(s.rows for s in todo)
     _warm(mapper, batch)
     disable = distributed.quiet() if progress is None else not progress
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with tqdm(total=rows, unit="rows", unit_scale=True, desc="transform", disable=disable) as bar:
         for shard in todo:
             source = shard.identity()
@@ -385,7 +387,7 @@ def transform_gallery(
                 raise FCTError(f"{shard.path} changed while it was being read; rerun")
             write_json(out_dir / STATE / f"{shard.name}.json", record)
             log.info("%s: %d rows -> %s", shard.path, shard.rows, out_dir / f"{shard.name}.npy")
-    return Summary(len(todo), skipped, rows, time.perf_counter() - t0)
+    return Summary(len(todo), skipped, rows, time.perf_counter() - t0, time.process_time() - c0)
 
 
 # --- the command ------------------------------------------------------------------------------
