@@ -280,9 +280,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     elif what == "transformations":
         from fct.transform_models import cached_transformations
 
-        for name, what in cached_transformations(args.cache):
-            if fnmatch.fnmatchcase(name, pattern):
-                lines.append(f"{name}  {what}")
+        found = cached_transformations(args.cache)
+        if not found:
+            where = args.cache or "the cache ($FCT_CACHE or .fct-cache)"
+            raise FCTError(
+                f"no trained transformation in {where}; `fct run` trains them (or pass --cache DIR)"
+            )
+        lines = [f"{n}  {what}" for n, what in found if fnmatch.fnmatchcase(n, pattern)]
     elif what == "suites":
         from fct.scenarios import list_suites, load_suite
 

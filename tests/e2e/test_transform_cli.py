@@ -94,3 +94,28 @@ def test_torchrun_ranks_write_their_share(tmp_path):
     assert "rank 0: transformed 400 rows in 2 shards" in two.stdout
     assert "rank 1: transformed 370 rows in 3 shards" in two.stdout
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
+
+
+def test_list_transformations_then_transform_by_name(tmp_path):
+    from fct.artifacts import Cache
+
+    empty = run_fct("list", "transformations", "--cache", str(tmp_path / "none"), cwd=tmp_path)
+    assert empty.returncode == 2 and "no trained transformation in" in empty.stderr
+    entry = Cache(tmp_path / "cache").entry("transformations", "h-new", {"side": None, "h": {}})
+    entry.save(make_h().state_dict(), {"train_seconds": 3.2})
+    listed = run_fct("list", "transformations", "--cache", str(tmp_path / "cache"), cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == f"{entry.path.name}  h 16->8, hidden 32, trained 3 s"
+    gallery(tmp_path / "in", [10])
+    args = ["--in", str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    proc = run_fct(
+        "transform",
+        "--model",
+        entry.path.name,
+        "--cache",
+        str(tmp_path / "cache"),
+        *args,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"transformation 16->8 from cache entry transformations/{entry.path.name}" in proc.stdout
