@@ -215,7 +215,7 @@ def to_markdown(result: dict) -> str:
         "# `fct transform` against its limits",
         "",
         f"Command: `{result['command']}`; {result['provenance'].get('device', '')}, "
-        f"{result['threads']} torch threads, load average {result['load']}.",
+        f"{result['threads']} torch threads, load average {result['load']:.1f}.",
         "",
         "| h | gallery | disk read rows/s | h in memory rows/s | fct transform rows/s | fraction of the smaller (each round) | per CPU second: transform / h in memory (each round) |",
         "|---|---:|---:|---:|---:|---|---|",
