@@ -9,7 +9,7 @@ Layout (docs/transform.md):
   same NAME per gallery shard, ``[N_i, d_side]``, row i the side-information of row i.
 - ``--out DIR``: ``NAME.npy`` per shard, ``[N_i, d_new]`` in the input shard's dtype (h runs in
   float32), and ``.fct-transform/``: ``run.json`` (which weights made the folder) and one
-  record per finished shard, ``NAME.json`` (the input's and side shard's size and mtime, the
+  record per finished shard, ``shards/NAME.json`` (the input's and side shard's size and mtime, the
   output's size and sha256, written after the output).
 
 Every shard is checked (header, dtype, width, matching side shard) before anything is written.
@@ -218,7 +218,10 @@ def _claim(out_dir: Path, mapper: Mapper) -> None:
 def _finished(out_dir: Path, shard: Shard, mapper: Mapper) -> bool:
     from fct.io import read_json, sha256_regular
 
-    record, output = out_dir / STATE / f"{shard.name}.json", out_dir / f"{shard.name}.npy"
+    record, output = (
+        out_dir / STATE / "shards" / f"{shard.name}.json",
+        out_dir / f"{shard.name}.npy",
+    )
     if not record.is_file() or not output.is_file():
         return False
     try:
@@ -385,7 +388,7 @@ def transform_gallery(
             }
             if shard.identity() != source:  # rewritten while we read it: do not vouch for it
                 raise FCTError(f"{shard.path} changed while it was being read; rerun")
-            write_json(out_dir / STATE / f"{shard.name}.json", record)
+            write_json(out_dir / STATE / "shards" / f"{shard.name}.json", record)
             log.info("%s: %d rows -> %s", shard.path, shard.rows, out_dir / f"{shard.name}.npy")
     return Summary(len(todo), skipped, rows, time.perf_counter() - t0, time.process_time() - c0)
 

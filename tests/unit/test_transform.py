@@ -92,7 +92,7 @@ def test_rerun_skips_finished_shards_and_redoes_changed_ones(tmp_path, h_file):
     assert (third.shards, third.skipped, third.rows) == (2, 0, 43)
     assert (tmp_path / "out" / "part00.npy").read_bytes() == before
     assert np.load(tmp_path / "out" / "part01.npy").shape == (3, 8)
-    record = json.loads((tmp_path / "out" / STATE / "part01.json").read_text())
+    record = json.loads((tmp_path / "out" / STATE / "shards" / "part01.json").read_text())
     assert record["output"]["rows"] == 3 and record["source"]["input"]["bytes"] == os.path.getsize(
         tmp_path / "in" / "part01.npy"
     )
