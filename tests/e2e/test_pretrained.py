@@ -126,3 +126,18 @@ def test_methods_that_train_given_new_weights_are_refused(tmp_path):
     assert list(refused) == ["bct"] and "new.weights" in refused["bct"]
     plain = load_suite(str(TINY)).scenarios[0]
     assert refuse_trainers(plain, ["bct"]) == {}
+
+
+def test_timm_weights_without_downloads_are_one_line(tmp_path, monkeypatch):
+    from fct.builders import check_weights
+
+    monkeypatch.setenv("FCT_NO_DOWNLOAD", "1")
+    suite = suite_with(tmp_path, "defaults.old", 'weights = "timm:a1_in1k"')
+    sc = load_suite(str(suite)).scenarios[0]
+    assert sc.old.weights == "timm:a1_in1k" and sc.as_dict()["old"]["weights"] == "timm:a1_in1k"
+    with pytest.raises(FCTError, match="FCT_NO_DOWNLOAD is set") as err:
+        check_weights(None, sc.old, side=False)
+    assert "\n" not in str(err.value)
+    for bad in ('"timm:"', '"timm:a/b"'):
+        with pytest.raises(FCTError, match="timm pretrained tag"):
+            load_suite(str(suite_with(tmp_path, "defaults.old", f"weights = {bad}")))
