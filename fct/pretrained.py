@@ -10,8 +10,10 @@ never trained, and stored in the cache like a trained model so the rest of the p
   embedding head and classifier keep their seeded initial weights. Needs the network
   (``FCT_NO_DOWNLOAD=1`` refuses it in one line).
 
-The cache entry's key is the weights' identity (the file's sha256, or the timm tag and the
-seed of the head) and the spec, so its digest follows the file's content.
+This module reads files and checks them; fct.builders (``check_weights``, ``load_pretrained``)
+builds the module a spec describes and puts it through the cache, under a key holding the
+weights' identity (the file's sha256, or the timm tag and the seed of the head) and the spec,
+so the entry's digest follows the file's content.
 """
 
 from __future__ import annotations
