@@ -483,3 +483,28 @@ def _remove_stale_temps(entry: Entry) -> None:
             else:  # not ours either way: a temp name never holds anything but our folders
                 with contextlib.suppress(OSError):
                     tmp.unlink()
+
+
+def list_entries(root: str | os.PathLike[str], kind: str) -> list[tuple[Entry, dict]]:
+    """Every finished entry of ``kind`` under the cache ``root`` that matches its manifest,
+    with its meta.json, sorted by folder name. Read-only: a damaged entry is skipped (and
+    logged), never moved (that is for the run that would use it); no folder is created."""
+    folder = Path(root) / kind
+    out = []
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue  # .corrupt/ and temp folders of a write in progress
+        problem = _check_manifest(path)
+        if problem is not None:
+            log.warning("cache entry %s is damaged (%s); not listed", path, problem)
+            continue
+        manifest = read_json(path / MANIFEST, max_bytes=JSON_LIMIT)
+        entry = Entry(Path(root), kind, manifest["name"], manifest["key"])
+        try:
+            meta = read_json(path / META, max_bytes=JSON_LIMIT)
+        except FCTError:
+            continue
+        out.append((entry, meta if isinstance(meta, dict) else {}))
+    return out

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fct import distributed
+from fct.errors import FCTError
 from fct.provenance import source_digest
 from fct.seeding import isolated_rng
 from fct.session import Session, Trained, loader_workers
@@ -220,6 +221,13 @@ def train_backbone(
     ``ctx``, the Context the method asked through)."""
     from fct.losses import make_loss
 
+    if spec.weights is not None:
+        if extra is not None:
+            raise FCTError(
+                f"{extra.name} trains the new model, whose weights are given "
+                f"({spec.weights}); drop the method or the model's weights"
+            )
+        return load_pretrained(session, spec)
     with isolated_rng(session.init_seed(spec.as_dict())):
         model = build_model(session, spec, num_classes(session, spec))
     device = session.device
@@ -248,6 +256,9 @@ def train_side(session: Session, spec: ModelSpec) -> Trained:
     """The side-information model ψ: SimCLR on ``spec``'s data, labels unused."""
     from fct.losses import nt_xent
     from fct.models import SimCLRModel
+
+    if spec.weights is not None:
+        return load_pretrained(session, spec, side=True)
 
     with isolated_rng(session.init_seed(spec.as_dict())):
         model = SimCLRModel(build_model(session, spec, 1), spec.embedding_dim)
@@ -349,3 +360,68 @@ def accepts_labels(fn: Callable) -> bool:
         or (p.name == "labels" and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
         for p in params
     )
+
+
+# --- given weights (fct.pretrained) ---------------------------------------------------------
+
+
+def pretrained_module(session: Session, spec: ModelSpec, side: bool, classes: int) -> nn.Module:
+    """The untrained module ``spec`` describes, seeded as a training run would seed it (an
+    EmbeddingModel, or SimCLR's wrapper around one for side-information)."""
+    from fct.models import SimCLRModel
+
+    with isolated_rng(session.init_seed(spec.as_dict())):
+        model = build_model(session, spec, classes)
+        return SimCLRModel(model, spec.embedding_dim) if side else model
+
+
+def _pretrained_classes(session: Session, spec: ModelSpec, side: bool) -> int:
+    from fct import pretrained
+
+    if not pretrained.is_timm(spec):
+        return pretrained.file_classes(spec, side)  # the file's classifier, whatever the spec's
+    return 1 if side else num_classes(session, spec)
+
+
+def check_weights(session: Session, spec: ModelSpec, side: bool) -> None:
+    """Refuse, before anything trains, weights that cannot be loaded into the model ``spec``
+    describes (one line): a missing or unreadable file, a tensor of another shape, a timm tag
+    with downloads off. Reads a file's header only."""
+    from fct import pretrained
+
+    if spec.weights is None:
+        return
+    if pretrained.is_timm(spec):
+        pretrained.check_download(spec)
+        return
+    shapes = pretrained.file_shapes(spec.weights)
+    module = pretrained_module(session, spec, side, _pretrained_classes(session, spec, side))
+    pretrained.check_fit(spec, shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()})
+
+
+def load_pretrained(session: Session, spec: ModelSpec, side: bool = False) -> Trained:
+    """The model ``spec`` describes, with its given ``weights``, through the cache: nothing is
+    trained; the entry's key is the spec with the weights' identity (fct.pretrained)."""
+    from fct import pretrained
+
+    classes = _pretrained_classes(session, spec, side)
+    module = pretrained_module(session, spec, side, classes)
+    key = {"pretrained": spec.as_dict(), "classes": classes, "format": 1}
+    if pretrained.is_timm(spec):  # the head keeps its seeded initial weights
+        key["head_seed"] = session.init_seed(spec.as_dict())
+    entry = session.entry("models", model_name(spec, "-pretrained"), key)
+
+    def build(e: Entry):
+        log.info(
+            "loading %s for %s/%s (nothing trained; cache %s)", spec.weights, e.kind, e.name, e.path
+        )
+        pretrained.fill(module, spec, side)
+        return module.state_dict(), {"train_seconds": 0.0, "weights": spec.weights}
+
+    force = session.claim_force(entry.digest)
+    tensors, _, built = session.cache.get_or_build(entry, build, force=force)
+    if not built:
+        module.load_state_dict(tensors)
+        log.info("loaded %s/%s from the cache", entry.kind, entry.name)
+    module.to(session.device).eval()
+    return Trained(module, entry, 0.0, spec, built)

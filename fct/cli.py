@@ -1,4 +1,4 @@
-"""The ``fct`` command line: evaluate, run, list, report, bench.
+"""The ``fct`` command line: evaluate, run, list, report, bench, transform.
 
 Every user-facing error is an FCTError: printed as one ``error: ...`` line naming the fix, exit
 status 2, no traceback.
@@ -277,6 +277,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
         lines = LOSSES.names(pattern)
         if fnmatch.fnmatchcase("simclr", pattern):
             lines.append("simclr (side-information only)")
+    elif what == "transformations":
+        from fct.transform_models import cached_transformations
+
+        found = cached_transformations(args.cache)
+        if not found:
+            where = args.cache or "the cache ($FCT_CACHE or .fct-cache)"
+            raise FCTError(
+                f"no trained transformation in {where}; `fct run` trains them (or pass --cache DIR)"
+            )
+        lines = [f"{n}  {what}" for n, what in found if fnmatch.fnmatchcase(n, pattern)]
     elif what == "suites":
         from fct.scenarios import list_suites, load_suite
 
@@ -470,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="scenarios",
-        choices=("suites", "scenarios", "methods", "datasets", "losses"),
+        choices=("suites", "scenarios", "methods", "datasets", "losses", "transformations"),
     )
+    ls.add_argument("--cache", help="cache folder listed by `transformations` (default $FCT_CACHE)")
     ls.add_argument("pattern", nargs="?", default="*", help="wildcard filter")
     ls.add_argument(
         "--plugin", action="append", help="module or .py file registering extra methods"
@@ -481,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fct.export import add_parser as add_export  # the subcommand's work is fct.export
 
     add_export(sub)
+
+    from fct import transform
+
+    tf = sub.add_parser("transform", help="stream a gallery of .npy shards through a trained h")
+    transform.add_arguments(tf)
+    tf.set_defaults(func=lambda a: transform.command(a))
 
     from fct.throughput.presets import SIZES
 

@@ -16,7 +16,14 @@ def _plain(obj: Any) -> Any:
         out = {}
         for f in fields(obj):
             v = getattr(obj, f.name)
-            if f.name in ("arch_args", "loss_args"):
+            # A key added after configs were hashed enters the hash only when set, so
+            # existing configs keep their hashes; ``plain`` turns its value into what
+            # identifies it (a weights file: its sha256, not where it lies).
+            if f.metadata.get("hash_when_set") and v is None:
+                continue
+            if f.metadata.get("plain") is not None:
+                out[f.name] = f.metadata["plain"](v)
+            elif f.name in ("arch_args", "loss_args"):
                 out[f.name] = {k: _plain(x) for k, x in v}
             else:
                 out[f.name] = _plain(v)

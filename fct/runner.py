@@ -23,12 +23,14 @@ import torch
 
 from fct import distributed, retrieval
 from fct.artifacts import Cache
+from fct.builders import check_weights
 from fct.context import Context
 from fct.curves import backfill_curves, curve_orders, point_flips
 from fct.embedding import apply_transformation
 from fct.errors import FCTError
 from fct.io import check_writable, read_json
 from fct.methods import Deployment
+from fct.pretrained import refuse_trainers
 from fct.provenance import provenance, source_digest
 from fct.record import SCHEMA, RunRecord, is_current, record_path
 from fct.recovery import recovery
@@ -439,9 +441,11 @@ def check_scenario(ctx: Context, methods: Sequence[str]) -> dict[str, str]:
             if role == "eval" and spec.query_data != spec.gallery_data:
                 ev = spec
                 ctx.session.source(ev.dataset, ev.query_data, ev.classes, ev.max_per_class, None)
+            if role != "eval":  # given weights must fit the model the spec describes
+                check_weights(ctx.session, spec, side=role == "side")
         except FCTError as e:
             raise FCTError(f"scenario '{sc.name}' [{role}]: {e}") from e
-    return refused
+    return {**refuse_trainers(sc, methods), **refused}
 
 
 def check_smoke(out: Path, smoke: bool) -> None:

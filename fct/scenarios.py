@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,9 +40,11 @@ from fct.suite_checks import (  # noqa: F401  (parse_set: re-exported)
     check_name,
     check_sequence_entry,
     parse_set,  # noqa: F401  (ARCH_ARGS, NAME_MAX: re-exported)
+    resolve_weights,
+    weights_identity,
 )
+from fct.suite_files import SUITES_DIR, list_suites, suite_folders, suite_path  # noqa: F401
 
-SUITES_DIR = Path(__file__).resolve().parent / "suites"
 KINDS = (
     "class-subset",
     "cross-dataset",
@@ -77,6 +78,12 @@ class ModelSpec:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     augment: str = "supervised"
+    # Trained weights instead of training: an absolute .safetensors path (the suite file's
+    # relative path, resolved on load) or "timm:TAG". Hashed as the file's sha256 and only
+    # when set, so specs without it keep their hashes.
+    weights: str | None = field(
+        default=None, metadata={"hash_when_set": True, "plain": weights_identity}
+    )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples of pairs become dicts)."""
@@ -464,6 +471,8 @@ def _parse_scenario(
         )
         if role == "side" and "loss" not in _merge(defaults.get("side"), entry.get("side")):
             merged["loss"] = "simclr"  # side-information is self-supervised unless told otherwise
+        if merged.get("weights") is not None:
+            merged["weights"] = resolve_weights(merged["weights"], path, f"{where} [{role}]")
         specs[role] = _build(ModelSpec, merged, f"{where} [{role}]")
     generations = _generations(entry, defaults, kinds, where)
     if generations:  # a sequence: old is the first generation, new the last
@@ -543,38 +552,6 @@ def _generations(
         )
         for k, generation in enumerate(entry.get("models", []))
     )
-
-
-def suite_folders(suites_dir: Path | None = None) -> list[Path]:
-    """Where suites are looked up by name, first match wins: ``suites_dir`` when given, else
-    the folders of ``$FCT_SUITES`` (separated by the OS path separator), then the suites
-    shipped inside the package (fct/suites/, installed as package data)."""
-    if suites_dir is not None:
-        return [Path(suites_dir)]
-    extra = [Path(p) for p in os.environ.get("FCT_SUITES", "").split(os.pathsep) if p]
-    return [*extra, SUITES_DIR]
-
-
-def suite_path(name: str, suites_dir: Path | None = None) -> Path:
-    """The file of suite ``name``: a path to a .toml, or NAME.toml in the suite folders."""
-    p = Path(name)
-    if p.suffix == ".toml":
-        if not p.exists() and not p.is_symlink():
-            raise FCTError(f"suite file {p} does not exist; check the path")
-        return p  # not a regular file: load_suite's bounded read names the problem
-    for folder in suite_folders(suites_dir):
-        path = folder / f"{name}.toml"
-        if path.is_file():
-            return path
-    raise FCTError(
-        f"unknown suite '{name}'{did_you_mean(name, list_suites(suites_dir))}; see "
-        "`fct list suites`, or pass the path of a .toml file"
-    )
-
-
-def list_suites(folder: Path | None = None) -> list[str]:
-    """Names of the suites found in the suite folders (see suite_folders)."""
-    return sorted({p.stem for f in suite_folders(folder) for p in f.glob("*.toml")})
 
 
 SUITE_MAX_BYTES = 4 << 20

@@ -8,10 +8,13 @@ imported where a model spec is checked), so fct.scenarios can import it freely.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import re
 import tomllib
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fct.errors import FCTError
@@ -109,6 +112,49 @@ def _check_arch_value(key: str, value: Any, where: str) -> None:
         ok, want = isinstance(value, str) and len(value) <= 64, "a string"
     if not ok:
         raise FCTError(f"{where}: arch_args.{key} must be {want}, got {value!r}")
+
+
+TIMM_WEIGHTS = "timm:"
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    from fct.io import sha256_regular
+
+    return sha256_regular(path)[0]
+
+
+def weights_identity(value: str) -> str:
+    """What identifies a model spec's ``weights`` in hashes and records: ``timm:TAG`` as it is,
+    a file by its content (``sha256:HEX``), so a record or cache entry follows the weights,
+    not where they lie. A file that cannot be read is ``missing:NAME`` (the run's checks then
+    refuse it in one line before anything trains)."""
+    if value.startswith(TIMM_WEIGHTS):
+        return value
+    try:
+        st = os.stat(value)
+        return f"sha256:{_file_sha256(value, st.st_size, st.st_mtime_ns)}"
+    except (OSError, ValueError):
+        return f"missing:{os.path.basename(value)}"
+
+
+def resolve_weights(value: Any, suite_file: Path, where: str) -> str:
+    """A ``weights`` value checked and made absolute: ``timm:TAG``, or a ``.safetensors`` path
+    relative to the suite file's folder (the file itself is checked before anything trains)."""
+    if not isinstance(value, str) or not value.strip():
+        raise FCTError(f'{where}: weights must be "PATH.safetensors" or "timm:TAG", got {value!r}')
+    if value.startswith(TIMM_WEIGHTS):
+        if not value[len(TIMM_WEIGHTS) :] or "/" in value:
+            raise FCTError(
+                f'{where}: weights = "timm:TAG" names a timm pretrained tag of the arch, e.g. "timm:a1_in1k"; got {value!r}'
+            )
+        return value
+    if not value.endswith(".safetensors"):
+        raise FCTError(
+            f'{where}: weights must be a .safetensors file (or "timm:TAG"), got {value!r}'
+        )
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (suite_file.parent / path).resolve())
 
 
 def _validate_model(spec: ModelSpec, where: str, side: bool) -> None:
