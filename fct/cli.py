@@ -249,7 +249,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         )
     out = Path(args.out) if args.out else dirs[0]
     reference = None if args.no_reference else _reference_dir(args.suite, out, args.reference)
-    paths = build_report(args.suite, dirs, out, reference=reference)
+    paths = build_report(args.suite, dirs, out, reference=reference, plots=not args.no_plots)
     print(f"wrote {len(paths)} files to {out}")
     return 0
 
@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--no-reference", action="store_true", help="no comparison with reference results"
     )
+    rep.add_argument("--no-plots", action="store_true", help="tables only: no plots/ (faster)")
     rep.set_defaults(func=_cmd_report)
 
     ls = sub.add_parser("list", help="list suites, scenarios, methods, datasets or losses")

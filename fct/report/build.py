@@ -52,6 +52,8 @@ def build_report(
     results_dirs: list[Path] | list[str | os.PathLike[str]],
     out: Path | str | os.PathLike[str] | None = None,
     reference: Path | str | os.PathLike[str] | None = None,
+    *,
+    plots: bool = True,
 ) -> list[Path]:
     """Merge the run records of ``results_dirs`` and write the suite's report into ``out``.
 
@@ -71,6 +73,10 @@ def build_report(
     records, it adds the reproduction check (``reproduction.md``, a section of index.html and
     a line in leaderboard.md). A missing folder, or one without records of ``suite``, adds
     nothing; a malformed reference record raises FCTError.
+
+    ``plots=False`` (``fct report --no-plots``) writes everything but ``plots/``, several
+    times faster (drawing is most of a report's time); a previous report's plots are removed
+    with the rest of it, so no stale figure stays beside new tables.
     """
     start = time.perf_counter()
     folders = [Path(d) for d in results_dirs]
@@ -84,7 +90,7 @@ def build_report(
     with _report_lock(out):
         _remove_leftovers(out)
         with _staging(out) as tmp:
-            relative = [p.relative_to(tmp) for p in _write_all(summary, tmp)]
+            relative = [p.relative_to(tmp) for p in _write_all(summary, tmp, plots)]
             _swap_in(tmp, out)
     paths = [out / p for p in relative]
     log.info(
@@ -100,12 +106,13 @@ def build_report(
     return paths
 
 
-def _write_all(summary: Summary, folder: Path) -> list[Path]:
+def _write_all(summary: Summary, folder: Path, plots: bool = True) -> list[Path]:
     """Every report file of ``summary`` written into ``folder``; their paths, in order."""
     paths = write_leaderboard(summary, folder)
     table_paths, tables = write_tables(summary, folder)
-    plot_paths = write_plots(summary, folder)
-    seq_tables, seq_plots = write_sequences(summary, folder)  # sequence scenarios only
+    plot_paths = write_plots(summary, folder) if plots else []
+    # sequence scenarios only
+    seq_tables, seq_plots = write_sequences(summary, folder, plots=plots)
     plot_paths += seq_plots
     paths += table_paths + seq_tables + plot_paths
     if summary.reproduction is not None:

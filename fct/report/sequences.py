@@ -158,12 +158,14 @@ def heatmap_figure(summary: Summary, scenario: str, metric: str) -> Any:
     return fig
 
 
-def write_sequences(summary: Summary, out: Path) -> tuple[list[Path], list[Path]]:
-    """Per sequence scenario: ``tables/sequence_SLUG.{md,tex}`` and
+def write_sequences(
+    summary: Summary, out: Path, plots: bool = True
+) -> tuple[list[Path], list[Path]]:
+    """Per sequence scenario: ``tables/sequence_SLUG.{md,tex}`` and (with ``plots``)
     ``plots/sequence_SLUG_{mAP,top1}.{png,pdf}``; returns (table paths, plot paths)."""
     from fct.report.plots import save
 
-    tables, plots = [], []
+    tables, figures = [], []
     for s in sequence_scenarios(summary):
         name = slug(s)
         table = sequence_table(summary, s)
@@ -177,8 +179,8 @@ def write_sequences(summary: Summary, out: Path) -> tuple[list[Path], list[Path]
                 to_latex(table, caption, f"tab:sequence-{name}"),
             )
         )
-        for metric in MATRICES:
-            plots += save(
+        for metric in MATRICES if plots else ():
+            figures += save(
                 heatmap_figure(summary, s, metric), out / "plots" / f"sequence_{name}_{metric}"
             )
-    return tables, plots
+    return tables, figures

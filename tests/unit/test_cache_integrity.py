@@ -10,6 +10,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, assert_cache_verifies, records, tiny_args
 
 from fct.cli import main
@@ -38,6 +39,7 @@ def entry(cache: Path, kind: str, prefix: str) -> Path:
     return found[0]
 
 
+@pytest.mark.slow  # end to end: a whole `fct` command
 def test_planted_pickles_are_never_loaded_and_damage_is_rebuilt(
     clean_tiny, tmp_path, caplog, one_thread
 ):

@@ -54,7 +54,7 @@ def test_leaderboard_nfr_column_blank_for_older_records(tmp_path) -> None:
     results = tmp_path / "results"
     write_record(results, with_flips(make_record("a", "fct", (45.0, 25.0)), 3.5, 6.0))
     write_record(results, make_record("a", "bct", (40.0, 20.0)))  # written before flip rates
-    build_report("quickstart", [results], tmp_path / "out", reference=None)
+    build_report("quickstart", [results], tmp_path / "out", reference=None, plots=False)
     with open(tmp_path / "out" / "leaderboard.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert rows["fct"]["a/cross_nfr"] == "3.5"
@@ -66,6 +66,6 @@ def test_leaderboard_nfr_column_blank_for_older_records(tmp_path) -> None:
 def test_no_nfr_column_when_no_record_has_flip_rates(tmp_path) -> None:
     results = tmp_path / "results"
     write_record(results, make_record("a", "bct", (40.0, 20.0)))
-    build_report("quickstart", [results], tmp_path / "out", reference=None)
+    build_report("quickstart", [results], tmp_path / "out", reference=None, plots=False)
     header = (tmp_path / "out" / "leaderboard.csv").read_text().splitlines()[0]
     assert "cross_nfr" not in header

@@ -401,6 +401,7 @@ def test_other_unusable_lock_paths_are_named_in_one_line(tmp_path, what):
     assert not e.path.exists()
 
 
+@pytest.mark.slow  # end to end: a whole `fct` command
 def test_lock_folder_through_the_cli(clean_tiny, tmp_path, capsys):
     """`fct run` answers a folder in place of a lock with `error: ...`, exit status 2."""
     from fct.cli import main

@@ -276,18 +276,21 @@ def capped(tmp_path_factory, bomb) -> dict[str, str]:
     return results
 
 
+@pytest.mark.slow  # the capped fixture runs subprocesses under a memory cap
 def test_zero_stride_array_pickle_is_refused(capped):
     assert len(ZERO_STRIDE) < 130
     assert capped["zero_stride"].startswith("FCTError: "), capped["zero_stride"]
     assert "refusing to call numpy.ndarray" in capped["zero_stride"]
 
 
+@pytest.mark.slow  # the capped fixture runs subprocesses under a memory cap
 def test_declared_shape_of_1e13_is_refused(capped):
     msg = capped["huge_shape"]
     assert msg.startswith("FCTError: ") and "declares shape (10000000000000,)" in msg, msg
     assert "holds 16 bytes" in msg
 
 
+@pytest.mark.slow  # the capped fixture runs subprocesses under a memory cap
 def test_reconstruct_of_a_huge_array_is_refused(capped):
     msg = capped["huge_reconstruct"]
     assert msg.startswith("FCTError: ") and "_reconstruct called with unusual arguments" in msg
@@ -300,6 +303,7 @@ def test_npz_bomb_is_refused(capped, bomb):
     assert "would expand to 203125" in msg  # 200 MB of features, 3 MB of labels (+ headers)
 
 
+@pytest.mark.slow  # the capped fixture runs subprocesses under a memory cap
 def test_npy_header_declaring_1e12_rows_is_refused(capped):
     msg = capped["npy_huge_header"]
     assert msg.startswith("FCTError: "), msg
@@ -496,6 +500,7 @@ def test_single_npy_is_refused(tmp_path):
         load_npz(path)
 
 
+@pytest.mark.slow  # end to end: a whole `fct` command
 def test_fifo_as_query_does_not_block(tmp_path):
     fifo = tmp_path / "q.npz"
     os.mkfifo(fifo)

@@ -249,6 +249,7 @@ def test_corrupt_record_is_named_in_one_line(tmp_path: Path, shape: str) -> None
     assert re.search(r"delete|rerun", msg), msg
 
 
+@pytest.mark.slow  # end to end: a whole `fct` command
 def test_corrupt_record_through_the_cli_exits_2_without_traceback(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for rec in scenario_a():
@@ -429,7 +430,7 @@ def test_csv_neutralises_formulas_but_keeps_numbers(tmp_path: Path) -> None:
     for method, label in evil.items():
         write_record(folder, make_record("a", method, (1.0, 1.0), label=label))
     write_record(folder, make_record("a", "=cmd", (1.0, 1.0)), name="formula-method.json")
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     with open(folder / "leaderboard.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     trigger = ("=", "+", "-", "@", "\t", "\r")
@@ -454,7 +455,7 @@ def test_latex_escapes_labels_and_descriptions(tmp_path: Path) -> None:
         write_record(folder, rec)
     label = "\\input{/etc/passwd} $x$ 50% a_b #1 & ~ ^ {}\n\nnew paragraph"
     write_record(folder, make_record("a", "evil", (1.0, 1.0), label=label))
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     tex = (folder / "tables" / "a.tex").read_text()
     check_latex_structure(tex)
     assert "\\input" not in tex and "\n\n" not in tex
@@ -476,7 +477,7 @@ def test_mixed_artifacts_are_refused_naming_both_records(tmp_path: Path) -> None
     )
     stale_path = write_record(folder, stale)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [folder])
+        build_report(SUITE, [folder], plots=False)
     msg = str(e.value)
     assert "\n" not in msg and str(stale_path) in msg and "models/new" in msg
     assert str(folder / "runs" / "a" / "bct.json") in msg  # the first record of scenario a
@@ -541,7 +542,7 @@ def test_scenarios_that_clean_to_one_name_get_their_own_files(tmp_path: Path) ->
         for method, cross in (("independent", (5.0, 1.0)), ("fct", (45.0, 25.0))):
             write_record(folder, make_record(scenario, method, cross), name=f"{method}.json")
     # write_record puts each in runs/SCENARIO/; the 200-char folder name is still allowed.
-    paths = build_report(SUITE, [folder])
+    paths = build_report(SUITE, [folder], plots=False)
     tables = sorted(p.name for p in paths if p.suffix == ".md" and p.parent.name == "tables")
     assert len(tables) == 3 and "a_b.md" in tables
     assert all(len(name) < 100 for name in tables)

@@ -3,6 +3,8 @@ brute-force per-query loop, on data full of ties and duplicate vectors."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -217,21 +219,30 @@ def test_clustered_data_takes_both_default_paths():
     assert np.median(within) < 0.2 * 400 and (within > 0.5 * 400).sum() >= 10
 
 
+@functools.cache
+def oracle_cases(seed: int) -> tuple:
+    """The data of test_every_ranking_path_matches_oracles and their brute-force metrics,
+    computed once per seed (the same for every path and backend)."""
+    loo = []
+    for x, y in (clustered(400, 30, seed), tie_heavy(240, 5, 7, seed)):
+        loo.append((x, y, brute_force(x, y, x, y, exclude_self=True)))
+    q, ql = clustered(150, 30, seed + 10)
+    g, gl = clustered(300, 30, seed + 20)
+    return loo, (q, ql, g, gl, brute_force(q, ql, g, gl, exclude_self=False))
+
+
 @pytest.mark.parametrize("path", sorted(RANKING_PATHS))
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_every_ranking_path_matches_oracles(monkeypatch, path, backend, seed):
     use_path(monkeypatch, path)
-    for x, y in (clustered(400, 30, seed), tie_heavy(240, 5, 7, seed)):
+    loo, (q, ql, g, gl, ref) = oracle_cases(seed)
+    for x, y, loo_ref in loo:
         got = evaluate(FeatureSet(x, y), backend=backend, block_bytes=16 * len(x) * 64)
-        ref = brute_force(x, y, x, y, exclude_self=True)
         for key in ("mAP", "top1", "top5", "mAP@R"):
-            assert got[key] == pytest.approx(ref[key], abs=1e-9), key
-        assert got["n_query"] == ref["n_query"]
-    q, ql = clustered(150, 30, seed + 10)
-    g, gl = clustered(300, 30, seed + 20)
+            assert got[key] == pytest.approx(loo_ref[key], abs=1e-9), key
+        assert got["n_query"] == loo_ref["n_query"]
     got = evaluate(FeatureSet(q, ql), FeatureSet(g, gl), backend=backend)
-    ref = brute_force(q, ql, g, gl, exclude_self=False)
     for key in ("mAP", "top1", "top5", "mAP@R"):
         assert got[key] == pytest.approx(ref[key], abs=1e-9), key
 

@@ -38,7 +38,9 @@ def build(tmp_path: Path, records: list[dict[str, Any]]) -> Path:
     folder = tmp_path / "r"
     for rec in records:
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(
+        SUITE, [folder], plots=False
+    )  # tables and page only: plots are tested in test_report
     return folder
 
 

@@ -107,7 +107,7 @@ def test_md_header_line(tmp_path: Path) -> None:
             rec["provenance"]["date"] = "2026-11-28T09:00:00+00:00"
             rec["provenance"]["device"] = "NVIDIA H100"
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     header = (folder / "leaderboard.md").read_text().splitlines()[2]
     assert "quickstart" in header and "8 runs" in header
     assert "2026-11-26 to 2026-11-28" in header
@@ -119,7 +119,7 @@ def test_new_new_change_blank_without_independent(tmp_path: Path) -> None:
     for rec in base_records():
         if rec["method"] != "independent":
             write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert rows["bct"]["a/new_new_change_mAP"] == ""
     assert rows["fct"]["a/gain_mAP"] == "10.0"
@@ -135,7 +135,7 @@ def test_new_new_change_pairs_seeds(tmp_path: Path) -> None:
         )
         write_record(folder, make_record("a", "bct", (40.0, 20.0), seed=seed, new=(50.0, bct)))
     write_record(folder, make_record("a", "fct", (45.0, 25.0), seed=2, new=(55.0, 35.5)))
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert float(rows["bct"]["a/new_new_change_mAP_mean"]) == pytest.approx(-4.0)
     assert float(rows["bct"]["a/new_new_change_mAP_std"]) == pytest.approx(2**0.5, abs=1e-4)
@@ -144,7 +144,7 @@ def test_new_new_change_pairs_seeds(tmp_path: Path) -> None:
 
 def test_method_missing_a_scenario_is_unranked(results: Path) -> None:
     write_record(results, make_record("a", "my_method", (60.0, 40.0), label="Mine"))
-    build_report(SUITE, [results])
+    build_report(SUITE, [results], plots=False)
     with open(results / "leaderboard.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows[-1]["method"] == "my_method"
@@ -160,7 +160,7 @@ def test_equal_means_share_a_rank(tmp_path: Path) -> None:
         if rec["method"] == "bct":
             rec["cases"]["cross"]["mAP"] = BASE[(rec["scenario"], "fct")][1]
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert rows["fct"]["rank"] == rows["bct"]["rank"] == "2"
     assert rows["independent"]["rank"] == "4"
@@ -175,7 +175,7 @@ def test_two_seeds_mean_and_sample_std(tmp_path: Path) -> None:
             rec2["seed"] = 1
             rec2["cases"]["cross"]["mAP"] += 2.0  # seed 0: 25, seed 1: 27 on scenario a
             write_record(folder, rec2)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     fct = rows["fct"]
     assert float(fct["a/cross_mAP_mean"]) == pytest.approx(26.0)
@@ -213,7 +213,7 @@ def test_merge_two_folders_keeps_newer_duplicate(tmp_path: Path, caplog) -> None
     assert len(dup) >= 2 and all("a/fct seed 0" in r.getMessage() for r in dup)
 
     out = tmp_path / "merged"
-    paths = build_report(SUITE, [first, second], out=out)
+    paths = build_report(SUITE, [first, second], out=out, plots=False)
     assert all(p.is_relative_to(out) for p in paths)
     rows = read_csv(out / "leaderboard.csv")
     assert float(rows["fct"]["a/cross_mAP"]) == 26.0
@@ -224,7 +224,7 @@ def test_out_defaults_to_first_folder(tmp_path: Path) -> None:
     first, second = tmp_path / "one", tmp_path / "two"
     for rec in base_records():
         write_record(first if rec["method"] in ("independent", "bct") else second, rec)
-    paths = build_report(SUITE, [first, second])
+    paths = build_report(SUITE, [first, second], plots=False)
     assert (first / "leaderboard.csv") in paths and not (second / "leaderboard.csv").exists()
 
 
@@ -232,7 +232,7 @@ def test_records_grouped_by_content_not_filename(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for rec in base_records():
         write_record(folder, rec, name=f"whatever-{rec['method']}-{rec['scenario']}.json")
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert float(rows["fct_side"]["b/cross_mAP"]) == 29.0
 
@@ -244,17 +244,17 @@ def test_warns_when_old_old_differs_between_methods(tmp_path: Path, caplog) -> N
             rec["cases"]["old/old"]["mAP"] = 17.0  # another old model than the other methods'
         write_record(folder, rec)
     with caplog.at_level(logging.WARNING, logger="fct.report"):
-        build_report(SUITE, [folder])
+        build_report(SUITE, [folder], plots=False)
     msgs = [r.getMessage() for r in caplog.records if "old/old mAP differs" in r.getMessage()]
     assert len(msgs) == 1 and "scenario a seed 0" in msgs[0]
 
 
 def test_other_suites_records_are_ignored(results: Path) -> None:
     write_record(results, make_record("a", "fct", (90.0, 90.0), suite="cifar100"), name="x.json")
-    build_report(SUITE, [results])
+    build_report(SUITE, [results], plots=False)
     assert float(read_csv(results / "leaderboard.csv")["fct"]["a/cross_mAP"]) == 25.0
     with pytest.raises(FCTError, match="no run records for suite 'imagenet'"):
-        build_report("imagenet", [results])
+        build_report("imagenet", [results], plots=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_paper_table_rows_and_published_columns(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for rec in paper_records():
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     md = (folder / "tables" / "cifar100-half.md").read_text().split("## Update cost")[0]
     assert "Published top-1" in md
     # Ours: top-1, top-5, mAP, mAP@R; then published top-1, top-5, mAP, source.
@@ -299,7 +299,7 @@ def test_no_published_columns_unless_paper(tmp_path: Path) -> None:
     for rec in paper_records():
         rec["scenario_config"]["paper"] = False
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     md = (folder / "tables" / "cifar100-half.md").read_text()
     assert "Published" not in md and "50.2" not in md
     assert "Published" not in (folder / "tables" / "cifar100-half.tex").read_text()
@@ -309,7 +309,7 @@ def test_plugin_rows_use_label_and_follow_builtins(results: Path) -> None:
     for scenario in ("a", "b"):
         rec = make_record(scenario, "aaa_plugin", (47.0, 26.0), new=(45.0, 28.0), label="My compat")
         write_record(results, rec)
-    build_report(SUITE, [results])
+    build_report(SUITE, [results], plots=False)
     md = (results / "tables" / "a.md").read_text().split("## Update cost")[0]
     names = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
     assert names[names.index("FCT + side-info") + 1] == "My compat"
@@ -334,7 +334,7 @@ def test_latex_tables(tmp_path: Path, paper: bool) -> None:
     write_record(
         folder, make_record(records[0]["scenario"], "my_plugin", (1.0, 1.0), label="a_b 100%")
     )
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     for tex_path in sorted((folder / "tables").glob("*.tex")):
         tex = tex_path.read_text()
         check_latex_structure(tex)
@@ -474,7 +474,7 @@ def test_report_imports_neither_torch_nor_matplotlib_eagerly() -> None:
 def test_no_records_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "runs").mkdir(parents=True)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [tmp_path / "empty"])
+        build_report(SUITE, [tmp_path / "empty"], plots=False)
     assert (
         str(e.value)
         == f"no run records under {tmp_path / 'empty'}/runs; run `fct run quickstart` first"
@@ -502,7 +502,7 @@ def test_missing_key_error_names_file_and_key(tmp_path: Path, mutate, key: str) 
     mutate(rec)
     path = write_json(folder / "runs" / "a" / "fct.json", rec)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [folder])
+        build_report(SUITE, [folder], plots=False)
     msg = str(e.value)
     assert str(path) in msg and f"missing key '{key}'" in msg and "\n" not in msg
 

@@ -56,7 +56,7 @@ def test_reproduction_check_compares_matched_records(tmp_path: Path) -> None:
     write_all(ref, reference)
     write_record(run, make_record("a", "my_plugin", (30.0, 16.0), label="Mine"))
 
-    paths = build_report(SUITE, [run], reference=ref)
+    paths = build_report(SUITE, [run], reference=ref, plots=False)
     assert run / "reproduction.md" in paths
     md = (run / "reproduction.md").read_text().replace("\\", "")  # Markdown escapes aside
     m = VERDICT.search(md)
@@ -105,7 +105,7 @@ def test_no_reference_records_means_no_section(tmp_path: Path, shape: str) -> No
         (ref / "runs").mkdir(parents=True)
     elif shape == "other suite":
         write_record(ref, make_record("a", "fct", (45.0, 25.0), suite="cifar100"))
-    paths = build_report(SUITE, [run], reference=ref)
+    paths = build_report(SUITE, [run], reference=ref, plots=False)
     assert not (run / "reproduction.md").exists() and run / "reproduction.md" not in paths
     assert "Reproduction" not in (run / "leaderboard.md").read_text()
     assert "Reproduction" not in (run / "index.html").read_text()
@@ -115,7 +115,7 @@ def test_no_matching_record_says_so(tmp_path: Path) -> None:
     run, ref = folders(tmp_path)
     write_all(run, base_records())
     write_record(ref, make_record("a", "fct", (45.0, 25.0), seed=7))
-    build_report(SUITE, [run], reference=ref)
+    build_report(SUITE, [run], reference=ref, plots=False)
     md = (run / "reproduction.md").read_text()
     assert "not compared: no record of this run is in the reference" in md
     assert "8 records only in this run, 1 only in the reference" in md
@@ -128,7 +128,7 @@ def test_malformed_reference_record_is_one_line_error(tmp_path: Path) -> None:
     rec["cases"]["cross"]["mAP"] = "high"
     bad = write_json(ref / "runs" / "a" / "fct.json", rec)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [run], reference=ref)
+        build_report(SUITE, [run], reference=ref, plots=False)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"reference results {ref}") and str(bad) in msg
     assert not (run / "leaderboard.md").exists()
@@ -138,9 +138,9 @@ def test_stale_reproduction_file_goes_when_rebuilt_without_reference(tmp_path: P
     run, ref = folders(tmp_path)
     write_all(run, base_records())
     write_all(ref, base_records())
-    build_report(SUITE, [run], reference=ref)
+    build_report(SUITE, [run], reference=ref, plots=False)
     assert "reproduced within 0.00 points" in (run / "reproduction.md").read_text()
-    build_report(SUITE, [run])
+    build_report(SUITE, [run], plots=False)
     assert not (run / "reproduction.md").exists()
     assert not any(p.name.startswith(".report-") for p in run.iterdir() if p.is_dir())
 
@@ -149,7 +149,7 @@ def test_smoke_run_is_not_compared_with_a_full_reference(tmp_path: Path) -> None
     run, ref = folders(tmp_path)
     write_all(run, base_records(smoke=True))
     write_all(ref, base_records())
-    build_report(SUITE, [run], reference=ref)
+    build_report(SUITE, [run], reference=ref, plots=False)
     md = (run / "reproduction.md").read_text()
     assert "not compared: this run is a smoke run" in md and "| scenario |" not in md
 
@@ -157,5 +157,5 @@ def test_smoke_run_is_not_compared_with_a_full_reference(tmp_path: Path) -> None
 def test_reference_that_is_the_run_folder_is_not_compared(tmp_path: Path) -> None:
     run, _ = folders(tmp_path)
     write_all(run, base_records())
-    build_report(SUITE, [run], reference=run)
+    build_report(SUITE, [run], reference=run, plots=False)
     assert not (run / "reproduction.md").exists()

@@ -27,7 +27,9 @@ def build(tmp_path: Path, records: list[dict[str, Any]]) -> Path:
     folder = tmp_path / "r"
     for rec in records:
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(
+        SUITE, [folder], plots=False
+    )  # tables and page only: plots are tested in test_report
     return folder
 
 
@@ -71,7 +73,7 @@ def test_smoke_and_full_records_are_refused_together(tmp_path: Path) -> None:
     smoke = make_record("a", "my_smoke", (50.0, 28.0), smoke=True)
     smoke_path = write_record(folder, smoke)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [folder])
+        build_report(SUITE, [folder], plots=False)
     msg = str(e.value)
     assert "\n" not in msg and str(smoke_path) in msg and "--smoke" in msg
     assert str(folder / "runs" / "a" / "bct.json") in msg  # one full record, named
@@ -104,7 +106,7 @@ def test_same_key_other_weights_are_refused_naming_both_records(tmp_path: Path) 
     other = with_models(make_record("a", "my_plugin", (45.0, 25.0)), "b" * 20)
     other_path = write_record(folder, other)
     with pytest.raises(FCTError) as e:
-        build_report(SUITE, [folder])
+        build_report(SUITE, [folder], plots=False)
     msg = str(e.value)
     assert "\n" not in msg and str(other_path) in msg
     assert str(folder / "runs" / "a" / "bct.json") in msg

@@ -56,7 +56,7 @@ def test_label_comes_from_the_record(tmp_path: Path) -> None:
         if rec["method"] == "fct_side":
             rec["method_config"]["label"] = "FCT with psi"  # older records: method_config only
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert rows["fct"]["label"] == "FCT (top-level label)"
     assert rows["fct_side"]["label"] == "FCT with psi"
@@ -81,7 +81,7 @@ def test_variants_follow_their_base_and_plugins_come_last(tmp_path: Path) -> Non
     ]
     for rec in extra:
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     names = [n for n in table_names((folder / "tables" / "a.md").read_text()) if "new/new" not in n]
     assert names == [
         "old/old",
@@ -110,7 +110,7 @@ def test_methods_that_train_their_own_new_model_get_a_new_new_row(tmp_path: Path
         variant("a", "fct_wide", "fct", (46.0, 26.0), "FCT, wide h", new=(55.2, 35.4)),
     ):
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     names = table_names((folder / "tables" / "a.md").read_text())
     assert "BCT, scaled new/new" in names and "RACT new/new" in names
     assert "FCT, wide h new/new" not in names  # FCT's base keeps Independent's new model
@@ -134,7 +134,7 @@ def test_plugin_new_model_identified_by_artifact_digest(tmp_path: Path) -> None:
     own = with_models(make_record("a", "own", (40.0, 20.0), new=(55.0, 35.0)), "own")
     write_record(folder, reuse)
     write_record(folder, own)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     names = table_names((folder / "tables" / "a.md").read_text())
     assert "own new/new" in names
     assert "reuse new/new" not in names
@@ -183,7 +183,7 @@ def test_declared_traits_decide_not_the_method_names(tmp_path: Path) -> None:
     assert summary.reference("a", "new/new").method == "my_baseline"
     assert summary.cell("a", "independent").stats["new_new_change_mAP"].mean == -5.0
     assert summary.cell("a", "my_baseline").stats["new_new_change_mAP"].mean == 0.0
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     names = table_names((folder / "tables" / "a.md").read_text())
     assert "mine new/new" in names  # declared: no numeric difference needed
     assert "later new/new" not in names  # declared to keep it: its new/new differs by 1 point
@@ -231,7 +231,7 @@ def test_verdict_within_one_std_over_seeds(tmp_path: Path) -> None:
     ]
     for rec in recs:
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     rows = read_csv(folder / "leaderboard.csv")
     assert rows["fct"]["a/compatible"] == "yes (within 1 std)"
     assert rows["fct_side"]["a/compatible"] == "yes"
@@ -259,7 +259,7 @@ def test_single_seed_verdict_has_no_std_mark(tmp_path: Path) -> None:
         if (rec["scenario"], rec["method"]) == ("a", "fct"):
             rec["cases"]["cross"]["mAP"] = 15.01  # a hair above old/old, one seed: plain yes
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     assert read_csv(folder / "leaderboard.csv")["fct"]["a/compatible"] == "yes"
     assert "within 1 std" not in (folder / "leaderboard.md").read_text()
 
@@ -283,7 +283,7 @@ def test_cosine_and_norm_ratio_columns_blank_for_old_records(tmp_path: Path) -> 
         elif rec["method"] == "fct":
             rec = with_diagnostics(rec, 45.0, 25.5, 1.02)
         write_record(folder, rec)  # independent and fct_side: older records without them
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     with open(folder / "leaderboard.csv", newline="") as fh:
         header = next(csv.reader(fh))
     for s in ("a", "b"):
@@ -309,7 +309,7 @@ def test_no_diagnostic_columns_without_any_measurement(tmp_path: Path) -> None:
     folder = tmp_path / "r"
     for rec in base_records():
         write_record(folder, rec)
-    build_report(SUITE, [folder])
+    build_report(SUITE, [folder], plots=False)
     header = (folder / "leaderboard.csv").read_text().splitlines()[0]
     assert "cross_cos" not in header and "norm_ratio" not in header
 

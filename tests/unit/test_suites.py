@@ -97,6 +97,7 @@ def test_toml_syntax_error_names_the_line(tmp_path, capsys):
     assert "TOML error" in err and "line 10" in err
 
 
+@pytest.mark.slow  # end to end: a whole `fct` command
 def test_curves_can_be_switched_off_per_scenario(tmp_path):
     text = (Path(__file__).resolve().parents[2] / "fct" / "suites" / "tiny.toml").read_text()
     suite = tmp_path / "nocurves.toml"
