@@ -560,3 +560,19 @@ def test_metric_table_is_complete() -> None:
     assert METRICS["transform_embeddings_per_s"].format(1.2e6) == "1.20e+06"
     assert "higher is better" in METRICS["cross_mAP"].axis_label
     assert "lower is better" in METRICS["update_cost_s"].axis_label
+
+
+def test_no_plots_writes_the_rest_and_removes_stale_plots(tmp_path: Path) -> None:
+    """build_report(plots=False): the same tables and leaderboard as with plots, no plots/,
+    no image on the page; a previous report's plots go with it."""
+    folder = tmp_path / SUITE
+    for rec in base_records():
+        write_record(folder, rec)
+    with_plots = build_report(SUITE, [folder])
+    tables = {p: p.read_bytes() for p in with_plots if p.suffix in (".md", ".tex", ".csv")}
+    assert (folder / "plots").is_dir() and "<img" in (folder / "index.html").read_text()
+    paths = build_report(SUITE, [folder], plots=False)
+    assert not (folder / "plots").exists()
+    assert not any("plots" in p.parts for p in paths)
+    assert "<img" not in (folder / "index.html").read_text()
+    assert {p: p.read_bytes() for p in paths if p.suffix in (".md", ".tex", ".csv")} == tables
