@@ -1,4 +1,5 @@
-"""``fct transform``: stream a gallery of stored embeddings on disk through a trained map (FCT's h).
+"""``fct transform``: stream a gallery of stored embeddings on disk through a trained map (FCT's
+h or a gallery-side adapter; with ``--queries``, new-model queries through a query-side adapter).
 
 Layout (docs/transform.md):
 
@@ -140,8 +141,30 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def plan(mapper: Mapper, in_dir: Path, out_dir: Path, side_dir: Path | None = None) -> list[Shard]:
+def check_direction(mapper: Mapper, queries: bool = False) -> None:
+    """A map applies to a stored gallery (old -> new: h, a gallery-side adapter) or, with
+    ``queries``, to a folder of new-model queries (new -> old: a query-side adapter)."""
+    if mapper.direction == "query" and not queries:
+        raise FCTError(
+            f"{mapper.source} is a query-side adapter: it maps new queries into the old space, "
+            'not the gallery; fit it with direction = "gallery" to transform a stored gallery '
+            "(or pass --queries to map a folder of query shards)"
+        )
+    if mapper.direction != "query" and queries:
+        raise FCTError(
+            f"{mapper.source} maps a stored gallery (old -> new), not queries; drop --queries"
+        )
+
+
+def plan(
+    mapper: Mapper,
+    in_dir: Path,
+    out_dir: Path,
+    side_dir: Path | None = None,
+    queries: bool = False,
+) -> list[Shard]:
     """Every input shard, checked against the map before anything is written (FCTError)."""
+    check_direction(mapper, queries)
     for folder, what in ((in_dir, "--in"), (side_dir, "--side")):
         if folder is not None and folder.exists() and _inside(out_dir, folder):
             raise FCTError(
@@ -154,13 +177,14 @@ def plan(mapper: Mapper, in_dir: Path, out_dir: Path, side_dir: Path | None = No
         )
     if not mapper.d_side and side_dir is not None:
         raise FCTError(f"{mapper.source} takes no side-information; drop --side")
-    shards = _npy_files(in_dir, "gallery")
+    what = "query" if queries else "gallery"
+    shards = _npy_files(in_dir, what)
     if not shards:
-        raise FCTError(f"gallery folder {in_dir} holds no .npy shard; check the path")
+        raise FCTError(f"{what} folder {in_dir} holds no .npy shard; check the path")
     sides = _npy_files(side_dir, "side-information") if side_dir is not None else {}
     out = []
     for name, path in shards.items():
-        arr = _open(path, mapper.d_in, "gallery")
+        arr = _open(path, mapper.d_in, what)
         side = None
         if side_dir is not None:
             side = sides.get(name)
@@ -345,8 +369,10 @@ def transform_gallery(
     side_dir: str | os.PathLike[str] | None = None,
     batch: int = BATCH,
     progress: bool | None = None,
+    queries: bool = False,
 ) -> Summary:
-    """Stream every shard of ``in_dir`` (this rank's share) through ``mapper`` into ``out_dir``."""
+    """Stream every shard of ``in_dir`` (this rank's share) through ``mapper`` into ``out_dir``;
+    ``queries``: the shards are new-model queries and ``mapper`` a query-side adapter."""
     from tqdm import tqdm
 
     from fct import distributed
@@ -356,7 +382,7 @@ def transform_gallery(
     side = Path(side_dir) if side_dir is not None else None
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise FCTError(f"--batch must be a positive integer, got {batch!r}")
-    shards = plan(mapper, in_dir, out_dir, side)
+    shards = plan(mapper, in_dir, out_dir, side, queries)
     mine = [
         shards[i] for i in assign([s.rows for s in shards], distributed.world())[distributed.rank()]
     ]
@@ -410,6 +436,12 @@ def add_arguments(p) -> None:
     p.add_argument("--side", help="folder of side-information shards NAME.npy (h with side-info)")
     p.add_argument("--cache", help="artifact cache folder (default $FCT_CACHE or .fct-cache)")
     p.add_argument("--batch", type=int, default=BATCH, help=f"rows per call of h (default {BATCH})")
+    p.add_argument(
+        "--queries",
+        action="store_true",
+        help="--in holds new-model query shards and --model is a query-side adapter "
+        "(maps them into the old space)",
+    )
 
 
 def command(args) -> int:
@@ -420,7 +452,9 @@ def command(args) -> int:
 
     configure_threads(quiet=True)
     mapper = load_artifact(args.model, args.cache)
-    summary = transform_gallery(mapper, args.in_dir, args.out, args.side, batch=args.batch)
+    summary = transform_gallery(
+        mapper, args.in_dir, args.out, args.side, batch=args.batch, queries=args.queries
+    )
     who = f"rank {distributed.rank()}: " if distributed.world() > 1 else ""
     print(
         f"{who}transformed {summary.rows:,} rows in {summary.shards} shards "

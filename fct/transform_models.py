@@ -18,6 +18,7 @@ maps (the adapters) registers its kind there. Every refusal is one FCTError line
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -48,6 +49,9 @@ class Mapper:
     #: Identity of the weights (sha256 of the tensors file, plus the sidecar's when one was
     #: read): a transform's outputs are tied to it, so a rerun with other weights is refused.
     digest: str
+    #: What it maps: ``"gallery"`` (stored old embeddings -> the new space: h, a gallery-side
+    #: adapter) or ``"query"`` (new queries -> the old space: a query-side adapter).
+    direction: str = "gallery"
 
     @torch.no_grad()
     def __call__(self, old: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,9 +94,44 @@ def load_h(tensors: dict[str, torch.Tensor], config: dict, where: str) -> Mapper
     return Mapper("transformation", h.d_old, h.d_side, h.d_new, folded, where, "")
 
 
-#: kind -> loader. The adapters (procrustes, affine, low_rank, mlp_adapter) register here.
+def _adapter_map(kind: str, tensors: dict[str, torch.Tensor], config: dict, where: str) -> Mapper:
+    """An adapter's fitted map (fct.methods.adapters: ``LinearMap`` or ``ResidualMLP``), built
+    empty from its config's sizes and loaded strictly; config ``direction`` says what it maps
+    (default ``gallery``), ``method`` which adapter fitted it (optional, for messages)."""
+    from fct.methods.adapters import build_map
+
+    sizes = {k: _int(config, k, where) for k in ("d_in", "d_out")}
+    if kind == "residual_mlp":
+        sizes["hidden"] = _int(config, "hidden", where)
+        sizes["skip"] = config.get("skip")
+        if not isinstance(sizes["skip"], bool):
+            raise FCTError(f"{where}: config 'skip' must be true or false, got {sizes['skip']!r}")
+    direction = config.get("direction", "gallery")
+    if direction not in ("gallery", "query"):
+        raise FCTError(
+            f'{where}: config \'direction\' must be "gallery" or "query", got {direction!r}'
+        )
+    module = build_map(kind, sizes)
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise FCTError(
+            f"{where}: its tensors are not a {kind} map of {sizes} ({first.strip()[:200]}); "
+            "check the file's fct.config"
+        ) from None
+    module.eval()
+    return Mapper(
+        kind, sizes["d_in"], 0, sizes["d_out"], lambda x, _s: module(x), where, "", direction
+    )
+
+
+#: kind -> loader: FCT's h, and the adapters' maps (procrustes, affine and low_rank fit a
+#: ``linear`` map, mlp_adapter a ``residual_mlp``).
 LOADERS: dict[str, Callable[[dict[str, torch.Tensor], dict, str], Mapper]] = {
     "transformation": load_h,
+    "linear": functools.partial(_adapter_map, "linear"),
+    "residual_mlp": functools.partial(_adapter_map, "residual_mlp"),
 }
 
 
@@ -107,20 +146,58 @@ def _loader(kind: Any, where: str) -> Callable[[dict[str, torch.Tensor], dict, s
 # --- files ------------------------------------------------------------------------------------
 
 
-def save_transformation(h: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write FCT's h to ``path`` (safetensors, atomically) with the metadata ``fct transform``
-    and ``load_artifact`` read: ``fct.kind = "transformation"`` and its ``fct.config``."""
+def _save(state: dict[str, torch.Tensor], kind: str, config: dict, path) -> Path:
     from safetensors.torch import save
 
     from fct.io import atomic_path
 
-    config = {"d_old": h.d_old, "d_new": h.d_new, "d_side": h.d_side, "hidden": h.hidden}
-    state = {k: v.detach().contiguous().cpu() for k, v in h.state_dict().items()}
-    blob = save(state, metadata={KIND_KEY: "transformation", CONFIG_KEY: json.dumps(config)})
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    blob = save(state, metadata={KIND_KEY: kind, CONFIG_KEY: json.dumps(config)})
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     return path
+
+
+def save_transformation(h: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write FCT's h to ``path`` (safetensors, atomically) with the metadata ``fct transform``
+    and ``load_artifact`` read: ``fct.kind = "transformation"`` and its ``fct.config``."""
+    config = {"d_old": h.d_old, "d_new": h.d_new, "d_side": h.d_side, "hidden": h.hidden}
+    return _save(h.state_dict(), "transformation", config, path)
+
+
+def save_adapter(
+    module: torch.nn.Module,
+    path: str | os.PathLike[str],
+    direction: str = "gallery",
+    method: str | None = None,
+) -> Path:
+    """Write an adapter's fitted map (a ``LinearMap`` or ``ResidualMLP``) to ``path``
+    (safetensors, atomically) with its ``fct.kind`` (``linear`` or ``residual_mlp``) and its
+    ``fct.config``: sizes, ``direction`` (what it maps) and ``method`` (who fitted it)."""
+    from fct.methods.adapters import map_config
+
+    if direction not in ("gallery", "query"):
+        raise FCTError(f'direction must be "gallery" or "query", got {direction!r}')
+    kind, config = map_config(module)
+    config = {**config, "direction": direction, **({"method": method} if method else {})}
+    return _save(module.state_dict(), kind, config, path)
+
+
+def save_cached(
+    name: str, path: str | os.PathLike[str], cache: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write the cache entry ``name`` (as ``fct list transformations`` prints it) to ``path``
+    in the file form ``load_artifact`` reads (fct.kind, fct.config), atomically."""
+    found = _find_cached(name, cache)
+    if found is None:
+        raise FCTError(
+            f"no transformation '{name}' in the cache; `fct list transformations` lists them"
+        )
+    entry, meta = found
+    tensors, _ = entry.load()
+    kind, config = _entry_map(entry, meta, tensors)
+    return _save(tensors, kind, config, path)
 
 
 def _file_header(path: Path) -> dict[str, str]:
@@ -195,9 +272,35 @@ def load_file(path: Path) -> Mapper:
 # --- the cache --------------------------------------------------------------------------------
 
 
+def _entry_map(entry, meta: dict, shapes: dict) -> tuple[str, dict]:
+    """(kind, config) of a cache entry: an adapter's map says it in its meta (``map``); FCT's
+    h is read off its tensors' shapes (``shapes``: tensors, or (shape, offset) pairs)."""
+    where = f"cache entry {entry.kind}/{entry.path.name}"
+    spec = meta.get("map")
+    if spec is not None:
+        if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+            raise FCTError(f"{where}: its meta.json 'map' is not a kind and config; refit it")
+        return spec.get("kind"), spec["config"]
+    return "transformation", _h_config(shapes, entry.key, where)
+
+
+def _describe(kind: str, c: dict, meta: dict, key: dict) -> str:
+    seconds = float(meta.get("train_seconds", 0))
+    if kind == "transformation":
+        what = f"h {c['d_old']}->{c['d_new']}" + (f" + side {c['d_side']}" if c["d_side"] else "")
+        return f"{what}, hidden {c['hidden']}, trained {seconds:.0f} s"
+    run, base = c.get("method") or key.get("run_name"), key.get("adapter")
+    who = f"adapter {run}" + (f" ({base})" if base and base != run else "")
+    maps = "maps queries new->old" if c.get("direction") == "query" else "maps the gallery old->new"
+    hidden = f", hidden {c['hidden']}" if "hidden" in c else ""
+    side = c.get("direction", "gallery")
+    return f"{who}, {side} side ({maps}), {kind} {c['d_in']}->{c['d_out']}{hidden}, fit {seconds:.3g} s"
+
+
 def cached_transformations(cache: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
     """(``NAME-DIGEST``, a description) of every finished, verified transformation in the
-    cache: h's widths read from its file's header (no tensor is loaded) and its training time."""
+    cache: FCT's h (widths read from its file's header, no tensor is loaded, and its training
+    time) or an adapter's map (its kind, sizes and direction from its meta, and its fit time)."""
     from fct.artifacts import TENSORS, default_cache_dir, list_entries
     from fct.pretrained import file_shapes
 
@@ -206,16 +309,13 @@ def cached_transformations(cache: str | os.PathLike[str] | None) -> list[tuple[s
     for entry, meta in list_entries(root, "transformations"):
         shapes = {k: (v, 0) for k, v in file_shapes(str(entry.path / TENSORS)).items()}
         try:
-            c = _h_config(shapes, entry.key, entry.path.name)
-            what = f"h {c['d_old']}->{c['d_new']}" + (
-                f" + side {c['d_side']}" if c["d_side"] else ""
+            kind, config = _entry_map(entry, meta, shapes)
+            what = _describe(kind, config, meta, entry.key)
+        except (FCTError, KeyError, TypeError, ValueError):
+            what = "a method's own transformation, " + (
+                f"trained {float(meta.get('train_seconds', 0)):.0f} s"
             )
-            what += f", hidden {c['hidden']}"
-        except FCTError:
-            what = "a method's own transformation"
-        out.append(
-            (entry.path.name, f"{what}, trained {float(meta.get('train_seconds', 0)):.0f} s")
-        )
+        out.append((entry.path.name, what))
     return out
 
 
@@ -242,24 +342,36 @@ def _h_config(tensors: dict[str, torch.Tensor], key: dict, where: str) -> dict:
     }
 
 
-def load_cached(name: str, cache: str | os.PathLike[str] | None) -> Mapper | None:
-    """The cache entry ``name`` (``NAME-DIGEST`` or ``transformations/NAME-DIGEST``), or None
-    when the cache has no such entry."""
-    from fct.artifacts import TENSORS, default_cache_dir, list_entries
+def _find_cached(name: str, cache: str | os.PathLike[str] | None):
+    """(entry, meta) of the verified cache entry ``name`` (``NAME-DIGEST`` or
+    ``transformations/NAME-DIGEST``), or None."""
+    from fct.artifacts import default_cache_dir, list_entries
 
     root = Path(cache) if cache is not None else default_cache_dir()
     wanted = name.removeprefix("transformations/")
-    for entry, _meta in list_entries(root, "transformations"):
-        if entry.path.name != wanted:
-            continue
-        tensors, _ = entry.load()
-        where = f"cache entry {entry.kind}/{entry.path.name}"
-        mapper = load_h(tensors, _h_config(tensors, entry.key, where), where)
-        from fct.io import sha256_regular
-
-        mapper.digest = sha256_regular(entry.path / TENSORS)[0]
-        return mapper
+    for entry, meta in list_entries(root, "transformations"):
+        if entry.path.name == wanted:
+            return entry, meta
     return None
+
+
+def load_cached(name: str, cache: str | os.PathLike[str] | None) -> Mapper | None:
+    """The cache entry ``name`` (``NAME-DIGEST`` or ``transformations/NAME-DIGEST``), or None
+    when the cache has no such entry: FCT's h, or an adapter's map (kind and config from its
+    meta)."""
+    from fct.artifacts import TENSORS
+    from fct.io import sha256_regular
+
+    found = _find_cached(name, cache)
+    if found is None:
+        return None
+    entry, meta = found
+    tensors, _ = entry.load()
+    where = f"cache entry {entry.kind}/{entry.path.name}"
+    kind, config = _entry_map(entry, meta, tensors)
+    mapper = _loader(kind, where)(tensors, config, where)
+    mapper.digest = sha256_regular(entry.path / TENSORS)[0]
+    return mapper
 
 
 def load_artifact(ref: str, cache: str | os.PathLike[str] | None = None) -> Mapper:

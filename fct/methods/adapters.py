@@ -24,10 +24,15 @@ Maps (x: source embeddings [N, d_s], y: target embeddings [N, d_t], rows paired)
 - ``mlp_adapter``: a small residual MLP, y ≈ skip(x) + MLP(x) with MLP = Linear-ReLU-Linear
   (``hidden`` units) and skip the identity when d_s = d_t, else a linear map initialised
   from the affine fit; trained with Adam on the mean squared error for ``epochs`` epochs.
+
+A fitted map is stored in the artifact cache (kind ``transformations``, see ``Adapter``), so a
+rerun loads it, ``fct list transformations`` lists it and ``fct transform`` applies it (a
+gallery-side one to a stored gallery; docs/transform.md).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -37,11 +42,15 @@ from torch import nn
 
 from fct.errors import FCTError
 from fct.methods.base import Deployment, Method, Settings, register_method
-from fct.session import Role
+from fct.provenance import source_digest
+from fct.session import Role, Trained
 
 if TYPE_CHECKING:
+    from fct.artifacts import Entry
     from fct.context import Context
     from fct.scenarios import Scenario
+
+log = logging.getLogger(__name__)
 
 Direction = Literal["query", "gallery"]
 
@@ -70,13 +79,30 @@ def _source_target(ctx: Context, direction: str) -> tuple[torch.Tensor, torch.Te
 
 
 class LinearMap(nn.Module):
-    """``x -> (x - shift) @ weight + bias`` in float32 (the fitted closed-form maps)."""
+    """``x -> x @ weight + bias`` in float32: a fitted closed-form map ``(x - shift) W + b``
+    stored folded, ``bias = b - shift W`` (one GEMM per batch).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor) -> None:
+    ``LinearMap(d_in, d_out)`` is the empty map of those sizes (what a cached map is loaded
+    into); ``LinearMap.fitted(W, b, shift)`` the map a fit returns."""
+
+    kind = "linear"
+
+    def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
-        # Folded: (x - shift) W + b = x W + (b - shift W), one GEMM per batch.
-        self.register_buffer("weight", weight.float().contiguous())
-        self.register_buffer("bias", (bias - shift @ weight).float())
+        self.register_buffer("weight", torch.zeros(d_in, d_out))
+        self.register_buffer("bias", torch.zeros(d_out))
+
+    @classmethod
+    def fitted(cls, weight: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor) -> LinearMap:
+        """The folded map of ``(x - shift) @ weight + bias`` (folded in the fit's precision)."""
+        m = cls(*weight.shape)
+        m.weight.copy_(weight.float())
+        m.bias.copy_((bias - shift @ weight).float())
+        return m
+
+    def config(self) -> dict:
+        """Its sizes: what ``build_map`` needs to make an empty one."""
+        return {"d_in": int(self.weight.shape[0]), "d_out": int(self.weight.shape[1])}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, x.float(), self.weight)
@@ -87,7 +113,7 @@ def procrustes(x: torch.Tensor, y: torch.Tensor, center: bool = True) -> LinearM
     mx = x.mean(0) if center else torch.zeros(x.shape[1], dtype=x.dtype)
     my = y.mean(0) if center else torch.zeros(y.shape[1], dtype=y.dtype)
     u, _, vh = torch.linalg.svd((x - mx).T @ (y - my), full_matrices=False)
-    return LinearMap(u @ vh, my, mx)
+    return LinearMap.fitted(u @ vh, my, mx)
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, ...]:
@@ -103,7 +129,7 @@ def ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, .
 def affine(x: torch.Tensor, y: torch.Tensor, lam: float) -> LinearMap:
     """Ridge-regularised affine least squares from x to y."""
     a, mx, my = ridge(x, y, lam)
-    return LinearMap(a, my, mx)
+    return LinearMap.fitted(a, my, mx)
 
 
 def low_rank(x: torch.Tensor, y: torch.Tensor, lam: float, rank: int) -> LinearMap:
@@ -112,11 +138,17 @@ def low_rank(x: torch.Tensor, y: torch.Tensor, lam: float, rank: int) -> LinearM
     a, mx, my = ridge(x, y, lam)
     _, _, vh = torch.linalg.svd((x - mx) @ a, full_matrices=False)
     v = vh[:rank].T
-    return LinearMap(a @ v @ v.T, my, mx)
+    return LinearMap.fitted(a @ v @ v.T, my, mx)
 
 
 class ResidualMLP(nn.Module):
-    """skip(x) + Linear-ReLU-Linear(x); skip is the identity for equal sizes."""
+    """skip(x) + Linear-ReLU-Linear(x); skip is the identity for equal sizes.
+
+    Building one draws the hidden layer's initial weights from torch's global stream (the
+    fit's draws); ``build_map`` builds the empty module a cached map is loaded into without
+    touching the caller's stream."""
+
+    kind = "residual_mlp"
 
     def __init__(self, d_in: int, d_out: int, hidden: int, skip: LinearMap | None) -> None:
         super().__init__()
@@ -125,16 +157,57 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.mlp[2].weight)  # starts as the skip map alone
         nn.init.zeros_(self.mlp[2].bias)
 
+    def config(self) -> dict:
+        """Its sizes and whether it has a linear skip map: what ``build_map`` needs."""
+        first, last = self.mlp[0], self.mlp[2]
+        return {
+            "d_in": int(first.in_features),
+            "d_out": int(last.out_features),
+            "hidden": int(first.out_features),
+            "skip": self.skip is not None,
+        }
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         return (x if self.skip is None else self.skip(x)) + self.mlp(x)
+
+
+#: The maps an adapter fits, by the kind their files and cache entries name (the kinds
+#: ``fct transform`` applies: fct.transform_models.LOADERS).
+MAPS: dict[str, type[nn.Module]] = {LinearMap.kind: LinearMap, ResidualMLP.kind: ResidualMLP}
+
+
+def map_config(module: nn.Module) -> tuple[str, dict]:
+    """(kind, config) of a fitted map: what rebuilds it empty (``build_map``)."""
+    kind = getattr(module, "kind", None)
+    if MAPS.get(kind) is not type(module):
+        raise FCTError(
+            f"an adapter's fit_map returned a {type(module).__name__}; return a LinearMap or a "
+            "ResidualMLP (fct.methods.adapters), the maps that are cached and fct transform applies"
+        )
+    return kind, module.config()
+
+
+def build_map(kind: str, config: dict) -> nn.Module:
+    """The empty map of ``kind`` with ``config``'s sizes (sizes checked by the caller); the
+    caller's torch random stream is left as it was."""
+    if kind == LinearMap.kind:
+        return LinearMap(config["d_in"], config["d_out"])
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws initial weights
+        skip = LinearMap(config["d_in"], config["d_out"]) if config["skip"] else None
+        return ResidualMLP(config["d_in"], config["d_out"], config["hidden"], skip)
 
 
 # --- the methods -------------------------------------------------------------------------------
 
 
 class Adapter(Method):
-    """Base of the adapters: fit a map on the training embeddings, deploy it one way."""
+    """Base of the adapters: fit a map on the training embeddings, deploy it one way.
+
+    The fitted map is a cache entry of kind ``transformations`` (``RUN_NAME-NEWMODEL-DIGEST``,
+    listed by ``fct list transformations`` and applied by ``fct transform``): a rerun loads it
+    instead of fitting again. Its key is ``cache_key``; its meta holds the fit's seconds and
+    rows and the map's kind and config (the ``fct.config`` of fct.transform_models' files)."""
 
     keeps_new_model = True
     Settings = AdapterSettings
@@ -142,25 +215,75 @@ class Adapter(Method):
     def fit_map(self, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
         raise NotImplementedError
 
+    def cache_key(self, ctx: Context, old: Trained, new: Trained) -> dict:
+        """What determines the fitted map: the adapter (its registered and run names, its
+        settings but the label, so its direction too), its training data (the two models'
+        digests and ``train_on``), the run's seed (the MLP's draws) and the source of this
+        file and of the adapter's class (editing either refits)."""
+        return {
+            "adapter": type(self).name,
+            "run_name": self.run_name,
+            "settings": self.settings.hashed(),
+            "direction": self.settings.direction,
+            "train_on": ctx.scenario.transformation.train_on,
+            "old": old.digest,
+            "new": new.digest,
+            "seed": ctx.seed,
+            "source": [source_digest(Adapter), source_digest(type(self))],
+            "format": 1,
+        }
+
+    def fitted_map(self, ctx: Context, old: Trained, new: Trained) -> Trained:
+        """The map fitted on the training embeddings, or loaded from its cache entry."""
+        session, direction = ctx.session, self.settings.direction
+        entry = session.entry(
+            "transformations", f"{self.run_name}-{new.name}", self.cache_key(ctx, old, new)
+        )
+        fitted: dict[str, nn.Module] = {}
+
+        def build(e: Entry) -> tuple[dict[str, torch.Tensor], dict]:
+            x, y = _source_target(ctx, direction)
+            what = f"{self.run_name} ({direction} side) on {len(x)} training pairs"
+            log.info("fitting %s -> %s/%s (cache %s)", what, e.kind, e.name, e.path)
+            t0 = time.perf_counter()
+            module = self.fit_map(x, y).eval()
+            seconds = time.perf_counter() - t0
+            kind, config = map_config(module)
+            config = {**config, "direction": direction, "method": self.run_name}
+            fitted["module"] = module
+            meta = {"train_seconds": seconds, "fit_rows": len(x)}
+            return module.state_dict(), {**meta, "map": {"kind": kind, "config": config}}
+
+        force = session.claim_force(entry.digest)
+        tensors, meta, built = session.cache.get_or_build(entry, build, force=force)
+        if built:
+            module = fitted["module"]
+        else:
+            spec = meta["map"]
+            module = build_map(spec["kind"], spec["config"])
+            module.load_state_dict(tensors, strict=True)
+            log.info("loaded %s/%s from the cache", entry.kind, entry.name)
+        module.eval()
+        return Trained(module, entry, float(meta["train_seconds"]), meta, built)
+
     def fit(self, ctx: Context) -> Deployment:
         self.check(ctx.scenario)
         direction = self.settings.direction
         old, new = ctx.old_model(), ctx.new_model()
-        x, y = _source_target(ctx, direction)
-        t0 = time.perf_counter()
-        module = self.fit_map(x, y).eval()
-        fit_seconds = time.perf_counter() - t0
+        fitted = self.fitted_map(ctx, old, new)
+        module = fitted.module
 
         @torch.inference_mode()
         def apply(z: torch.Tensor, _side: torch.Tensor | None = None) -> torch.Tensor:
             return module(z)
 
-        notes = {"direction": direction, "fit_rows": len(x)}
+        notes = {"direction": direction, "fit_rows": int(fitted.spec["fit_rows"])}
         common = {
             "query_model": new,
-            "artifacts": (old, new),
+            "artifacts": (old, new, fitted),
             "notes": notes,
-            "fit_seconds": fit_seconds,
+            # The fit's own seconds, measured when it ran (stored in the entry's meta).
+            "fit_seconds": fitted.train_seconds,
         }
         if direction == "query":
             return Deployment(query_update=apply, **common)

@@ -1,15 +1,20 @@
 """`fct transform` from the command line: killed with SIGKILL and rerun, it ends with the bytes of
-an uninterrupted run; bad input is one line and exit 2; under torchrun each rank writes its share."""
+an uninterrupted run; bad input is one line and exit 2; under torchrun each rank writes its share;
+an adapter fitted by `fct run` on stored embeddings is listed and applied by name (a query-side
+one refused on a gallery in one line)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, fct_env, run_fct
 from galleries import gallery, make_h
+from stored_embeddings import make_arrays, write_suite
 from test_crash import run_until
 
 from fct.distributed import torchrun_command
@@ -119,3 +124,71 @@ def test_list_transformations_then_transform_by_name(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"transformation 16->8 from cache entry transformations/{entry.path.name}" in proc.stdout
+
+
+def test_an_adapter_fitted_by_fct_run_is_listed_and_transforms_a_gallery(tmp_path):
+    from fct.methods.adapters import affine
+
+    train = make_arrays(240, d_old=16, d_new=24, seed=0)
+    suite = write_suite(
+        tmp_path,
+        ["affine_g", "affine_q"],
+        train,
+        make_arrays(120, d_old=16, d_new=24, seed=1),
+        extra=(
+            '[methods.affine_g]\nbase = "affine"\ndirection = "gallery"\n'
+            '[methods.affine_q]\nbase = "affine"\ndirection = "query"\n'
+        ),
+    )
+    cache = str(tmp_path / "cache")
+    ran = run_fct("run", str(suite), "--out", str(tmp_path / "res"), "--cache", cache, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    listed = run_fct("list", "transformations", "--cache", cache, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = dict(line.split("  ", 1) for line in listed.stdout.strip().splitlines())
+    (g_name,) = [n for n in lines if n.startswith("affine_g-new-train-")]
+    (q_name,) = [n for n in lines if n.startswith("affine_q-new-train-")]
+    assert lines[g_name].startswith("adapter affine_g (affine), gallery side (maps the gallery")
+    assert "linear 16->24, fit " in lines[g_name]
+    assert lines[q_name].startswith("adapter affine_q (affine), query side (maps queries new->old)")
+    # The record names the entry it deployed.
+    rec = json.loads((tmp_path / "res/runs/pair/affine_g.json").read_text())
+    digest = rec["artifacts"]["transformations/affine_g-new-train"]
+    assert g_name == f"affine_g-new-train-{digest}"
+
+    xs = gallery(tmp_path / "shards", [50, 9], width=16)
+    args = ["--cache", cache, "--in", str(tmp_path / "shards")]
+    done = run_fct(
+        "transform", "--model", g_name, *args, "--out", str(tmp_path / "out"), cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"linear 16->24 from cache entry transformations/{g_name}" in done.stdout
+    # The same map fitted here, in memory, from the training file (old -> new, ridge 1e-3).
+    m = affine(
+        torch.from_numpy(train["old"]).double(), torch.from_numpy(train["new"]).double(), 1e-3
+    )
+    for i, x in enumerate(xs):
+        got = np.load(tmp_path / "out" / f"part{i:02d}.npy")
+        want = m(torch.from_numpy(x)).numpy()
+        assert got.shape == (len(x), 24)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # fitted in two processes
+
+    refused = run_fct(
+        "transform", "--model", q_name, *args, "--out", str(tmp_path / "q"), cwd=tmp_path
+    )
+    assert refused.returncode == 2
+    err = refused.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in refused.stderr
+    assert "maps new queries into the old space, not the gallery" in err[0]
+    assert 'direction = "gallery"' in err[0]
+    assert not (tmp_path / "q").exists()
+    # With --queries the query-side map takes a folder of new-model queries to the old space.
+    (q,) = gallery(tmp_path / "queries", [11], width=24, seed=2)
+    more = ["--in", str(tmp_path / "queries"), "--out", str(tmp_path / "q"), "--queries"]
+    mapped = run_fct("transform", "--model", q_name, "--cache", cache, *more, cwd=tmp_path)
+    assert mapped.returncode == 0, mapped.stderr[-2000:]
+    mq = affine(
+        torch.from_numpy(train["new"]).double(), torch.from_numpy(train["old"]).double(), 1e-3
+    )
+    want = mq(torch.from_numpy(q)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "q" / "part00.npy"), want, rtol=0, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Small galleries of .npy shards and small trained-looking h's, for the `fct transform` tests."""
+"""Small galleries of .npy shards, small trained-looking h's and fitted adapter maps, for the
+`fct transform` tests."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def in_memory(h: Transformation, x: np.ndarray, side=None, batch=64) -> np.ndarr
             s = None if side is None else torch.from_numpy(side[a : a + batch].astype(np.float32))
             out.append(folded(torch.from_numpy(x[a : a + batch].astype(np.float32)), s))
     return torch.cat(out).numpy() if out else np.zeros((0, h.d_new), np.float32)
+
+
+def adapter_maps(d_in=16, d_out=8, seed=0) -> dict:
+    """name -> (a fitted adapter map from d_in to d_out, its kind): each adapter's fit on
+    random paired rows; the residual MLP trained a few steps, so its layers are not zeros."""
+    from fct.methods.adapters import MLPAdapter, MLPSettings, affine, low_rank, procrustes
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, d_in, generator=g, dtype=torch.float64)
+    y = torch.tanh(x[:, :d_out]) + 0.1 * torch.randn(200, d_out, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    mlp = MLPAdapter(MLPSettings(hidden=6, epochs=3, batch_size=50, lr=1e-2)).fit_map(x, y)
+    torch.manual_seed(seed)
+    square = MLPAdapter(MLPSettings(hidden=6, epochs=2, batch_size=50)).fit_map(x, x)
+    return {
+        "procrustes": (procrustes(x, y), "linear"),
+        "affine": (affine(x, y, 0.1), "linear"),
+        "low_rank": (low_rank(x, y, 0.1, 3), "linear"),
+        "mlp_adapter": (mlp, "residual_mlp"),  # d_in != d_out: a linear skip map
+        "mlp_identity_skip": (square, "residual_mlp"),
+    }

@@ -2,16 +2,21 @@
 recovers a known rotation (and, between sizes, equals the zero-padded square problem), the
 affine map equals numpy's least squares (ridge 0) and the normal equations (ridge > 0), the
 low-rank map has the asked rank and is the best rank-r fit of the fitted values, and the
-residual MLP lowers the error below its starting map."""
+residual MLP lowers the error below its starting map. A fitted map is a cache entry: a second
+fit of the same key loads it (no refit, the same rows out, the stored fit time), a changed
+setting or adapter source refits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from stored_embeddings import make_arrays, write_suite
 
+from fct.artifacts import Cache
+from fct.context import Context
 from fct.errors import FCTError
-from fct.methods import METHODS, make_settings
+from fct.methods import METHODS, adapters, make_settings
 from fct.methods.adapters import (
     MLPAdapter,
     MLPSettings,
@@ -19,6 +24,8 @@ from fct.methods.adapters import (
     low_rank,
     procrustes,
 )
+from fct.scenarios import load_suite
+from fct.transform_models import cached_transformations
 
 
 def _data(n=400, d_in=12, d_out=12, seed=0):
@@ -110,3 +117,96 @@ def test_settings_are_checked():
         make_settings(METHODS.get("low_rank").Settings, {"rank": 0})
     with pytest.raises(FCTError, match="lr"):
         make_settings(METHODS.get("mlp_adapter").Settings, {"lr": 0.0})
+
+
+# --- the fitted map in the cache ----------------------------------------------------------------
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A stored-embedding scenario (16-d old, 24-d new) and a fresh Context on one cache per
+    call (what a rerun of `fct run` gets)."""
+    suite = write_suite(tmp_path, ["affine"], make_arrays(240), make_arrays(120, seed=1))
+    (sc,) = load_suite(str(suite)).scenarios
+    return lambda: Context(sc, Cache(tmp_path / "cache"), seed=0)
+
+
+def _method(name: str, **settings):
+    return METHODS.get(name)(make_settings(METHODS.get(name).Settings, settings))
+
+
+def _update(dep):
+    return dep.query_update or dep.gallery_update
+
+
+SETTINGS = {
+    "procrustes": {},
+    "affine": {"ridge": 0.01},
+    "low_rank": {"rank": 4},
+    "mlp_adapter": {"hidden": 8, "epochs": 2, "batch_size": 64},
+}
+
+
+@pytest.mark.parametrize("direction", ["query", "gallery"])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_second_fit_loads_the_map_from_the_cache(stored, monkeypatch, name, direction):
+    torch.manual_seed(0)
+    first = _method(name, direction=direction, **SETTINGS[name]).fit(stored())
+    entry = first.artifacts[-1]
+    assert entry.built_now and entry.entry.kind == "transformations"
+    assert entry.name == f"{name}-new-train"
+    assert first.fit_seconds == pytest.approx(entry.train_seconds) and first.fit_seconds > 0
+    assert first.notes == {"direction": direction, "fit_rows": 240}
+
+    def refit(*_a, **_k):
+        raise AssertionError("refitted: the cached map was not loaded")
+
+    monkeypatch.setattr(type(_method(name)), "fit_map", refit)
+    second = _method(name, direction=direction, **SETTINGS[name]).fit(stored())
+    assert not second.artifacts[-1].built_now
+    assert second.artifacts[-1].digest == entry.digest
+    assert second.fit_seconds == first.fit_seconds  # the stored fit time, not 0
+    assert second.notes == first.notes
+    x = torch.randn(37, 24 if direction == "query" else 16)
+    a, b = _update(first)(x), _update(second)(x)
+    assert a.shape == (37, 16 if direction == "query" else 24)
+    assert torch.equal(a, b)
+
+
+def test_a_changed_setting_or_source_refits(stored, monkeypatch):
+    lams = []
+    real = adapters.affine
+
+    def counting(x, y, lam):
+        lams.append(lam)
+        return real(x, y, lam)
+
+    monkeypatch.setattr(adapters, "affine", counting)
+    g = _method("affine", direction="gallery").fit(stored())
+    _method("affine", direction="gallery", label="shown name only").fit(stored())
+    assert lams == [1e-3]  # the display label is not part of the key
+    _method("affine", direction="gallery", ridge=0.5).fit(stored())
+    _method("affine", direction="query").fit(stored())
+    assert lams == [1e-3, 0.5, 1e-3]
+    monkeypatch.setattr(adapters, "source_digest", lambda obj: "edited")
+    again = _method("affine", direction="gallery").fit(stored())
+    assert lams == [1e-3, 0.5, 1e-3, 1e-3]  # adapters.py edited: refitted
+    assert again.artifacts[-1].digest != g.artifacts[-1].digest
+    # Four entries, each listed with its kind, sizes, direction and fit time.
+    listed = dict(cached_transformations(g.artifacts[-1].entry.root))
+    assert len(listed) == 4
+    mine = listed[g.artifacts[-1].entry.path.name]
+    assert mine.startswith(
+        "adapter affine, gallery side (maps the gallery old->new), linear 16->24, fit "
+    )
+    assert (
+        sum("query side (maps queries new->old), linear 24->16" in v for v in listed.values()) == 1
+    )
+
+
+def test_a_map_fct_transform_cannot_apply_is_refused(stored, monkeypatch):
+    monkeypatch.setattr(
+        adapters.Affine, "fit_map", lambda self, x, y: torch.nn.Linear(x.shape[1], y.shape[1])
+    )
+    with pytest.raises(FCTError, match="return a LinearMap or a ResidualMLP"):
+        _method("affine").fit(stored())

@@ -1,5 +1,7 @@
 """fct.transform and fct.transform_models: a gallery on disk through h equals h in memory, resumes
-from its records, and refuses bad input in one line before writing anything."""
+from its records, and refuses bad input in one line before writing anything. The adapters' maps
+(linear, residual MLP) saved to a file or fitted into the cache load to the same rows as the
+fitted module; a query-side map is refused on a gallery and applied with ``queries``."""
 
 from __future__ import annotations
 
@@ -10,11 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from galleries import gallery, in_memory, make_h
+from galleries import adapter_maps, gallery, in_memory, make_h
 
 from fct.errors import FCTError
 from fct.transform import STATE, assign, transform_gallery
-from fct.transform_models import load_artifact, save_transformation
+from fct.transform_models import (
+    load_artifact,
+    save_adapter,
+    save_cached,
+    save_transformation,
+)
 
 
 @pytest.fixture
@@ -230,3 +237,94 @@ def test_cache_entries_are_listed_and_loaded(tmp_path):
     assert cached_transformations(tmp_path / "cache") == []
     with pytest.raises(FCTError, match="unknown artifact"):
         load_artifact(entry.path.name, tmp_path / "cache")
+
+
+# --- the adapters' maps -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(adapter_maps()))
+def test_adapter_maps_saved_and_loaded_give_the_fitted_rows(tmp_path, name):
+    module, kind = adapter_maps()[name]
+    d_in, d_out = module.config()["d_in"], module.config()["d_out"]
+    path = save_adapter(module, tmp_path / "m.safetensors", "gallery", name)
+    mapper = load_artifact(str(path))
+    assert (mapper.kind, mapper.d_in, mapper.d_side, mapper.d_out) == (kind, d_in, 0, d_out)
+    assert mapper.direction == "gallery"
+    x = torch.randn(57, d_in)
+    with torch.no_grad():
+        want = module(x)
+    assert torch.equal(mapper(x), want)
+    # Through fct transform: shards of 40 and 17 rows, one batch each.
+    xs = gallery(tmp_path / "in", [40, 17], width=d_in)
+    transform_gallery(mapper, tmp_path / "in", tmp_path / "out")
+    for i, a in enumerate(xs):
+        got = np.load(tmp_path / "out" / f"part{i:02d}.npy")
+        with torch.no_grad():
+            ref = module(torch.from_numpy(a)).numpy()
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_query_side_maps_are_refused_on_a_gallery_and_applied_with_queries(tmp_path):
+    module, _ = adapter_maps()["affine"]
+    query = load_artifact(str(save_adapter(module, tmp_path / "q.safetensors", "query", "aff")))
+    (x,) = gallery(tmp_path / "in", [30])
+    with pytest.raises(
+        FCTError, match='maps new queries into the old space.*direction = "gallery"'
+    ):
+        transform_gallery(query, tmp_path / "in", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    transform_gallery(query, tmp_path / "in", tmp_path / "out", queries=True)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "part00.npy"), want, rtol=0, atol=1e-6)
+    gallery_side = load_artifact(str(save_adapter(module, tmp_path / "g.safetensors")))
+    with pytest.raises(FCTError, match="not queries; drop --queries"):
+        transform_gallery(gallery_side, tmp_path / "in", tmp_path / "out2", queries=True)
+
+
+def test_bad_adapter_files_are_one_line(tmp_path):
+    module, _ = adapter_maps()["mlp_adapter"]
+    path = save_adapter(module, tmp_path / "m.safetensors")
+    for config, match in [
+        ({"d_in": 16, "d_out": 8, "hidden": 5, "skip": True}, "not a residual_mlp map"),
+        ({"d_in": 16, "d_out": 8, "hidden": 6, "skip": "yes"}, "'skip' must be true or false"),
+        ({"d_in": 16, "d_out": 8, "hidden": 6, "skip": True, "direction": "up"}, "'direction'"),
+        ({"d_in": 0, "d_out": 8, "hidden": 6, "skip": True}, "'d_in' must be an integer"),
+    ]:
+        bare = tmp_path / "bare.safetensors"
+        from safetensors.torch import save_file
+
+        save_file(module.state_dict(), str(bare))
+        (tmp_path / "bare.json").write_text(json.dumps({"kind": "residual_mlp", "config": config}))
+        with pytest.raises(FCTError, match=match):
+            load_artifact(str(bare))
+    assert load_artifact(str(path)).d_out == 8
+
+
+def test_a_cached_adapter_map_loads_by_name_and_saves_to_a_file(tmp_path):
+    from fct.artifacts import Cache
+    from fct.transform_models import cached_transformations
+
+    module, _ = adapter_maps()["mlp_adapter"]
+    entry = Cache(tmp_path / "cache").entry("transformations", "mlp-new", {"adapter": "mlp"})
+    config = {**module.config(), "direction": "gallery", "method": "mlp"}
+    entry.save(
+        module.state_dict(),
+        {"train_seconds": 0.25, "fit_rows": 9, "map": {"kind": "residual_mlp", "config": config}},
+    )
+    assert cached_transformations(tmp_path / "cache") == [
+        (
+            entry.path.name,
+            "adapter mlp, gallery side (maps the gallery old->new), residual_mlp 16->8, "
+            "hidden 6, fit 0.25 s",
+        )
+    ]
+    x = torch.randn(21, 16)
+    with torch.no_grad():
+        want = module(x)
+    by_name = load_artifact(entry.path.name, tmp_path / "cache")
+    assert by_name.kind == "residual_mlp" and torch.equal(by_name(x), want)
+    path = save_cached(entry.path.name, tmp_path / "m.safetensors", tmp_path / "cache")
+    assert torch.equal(load_artifact(str(path))(x), want)
+    with pytest.raises(FCTError, match="no transformation 'nope'"):
+        save_cached("nope", tmp_path / "n.safetensors", tmp_path / "cache")
