@@ -231,6 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             rerun=args.rerun,
             smoke=args.smoke,
             reference=None if args.smoke else _reference_dir(suite.name, out),
+            plots=not args.no_plots,
         )
         run_suite(suite, opts)
     distributed.teardown()
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shrink every scenario (10 classes, 4 images each, 1 epoch, 32px) to test the wiring",
     )
+    run.add_argument("--no-plots", action="store_true", help="its report without plots/ (faster)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(
         "--set",

@@ -63,6 +63,8 @@ class RunOptions:
     smoke: bool = False
     #: The project's reference results of this suite, compared with this run in its report.
     reference: Path | None = None
+    #: ``--no-plots``: the report at the end of the run without its figures (fct.report).
+    plots: bool = True
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -557,7 +559,7 @@ def run_suite(suite: Suite, opts: RunOptions) -> list[Path]:
     if written:
         from fct.report import build_report
 
-        build_report(suite.name, [opts.out], opts.out, reference=opts.reference)
+        build_report(suite.name, [opts.out], opts.out, reference=opts.reference, plots=opts.plots)
         log.info("report written to %s", opts.out)
     if failures:
         raise FCTError(_failure_summary(failures, total, opts.out))

@@ -26,7 +26,7 @@ def test_two_runs_share_one_cache_without_corrupting_it(clean_tiny, tmp_path):
 
     procs = [
         subprocess.Popen(
-            fct_command(*tiny_args(out, cache)),
+            fct_command(*tiny_args(out, cache, "--no-plots")),
             cwd=tmp_path,
             env=fct_env(),
             stdout=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ from conftest import normalize, records, run_fct, tiny_args
 def test_seeds_same_seed_same_records_other_seed_other_records(clean_tiny, tmp_path):
     _, _, clean = clean_tiny
     out, cache = tmp_path / "out", tmp_path / "cache"  # nothing shared with the clean run
-    proc = run_fct(*tiny_args(out, cache, "--seeds", "0,1,2"), cwd=tmp_path)
+    proc = run_fct(*tiny_args(out, cache, "--seeds", "0,1,2", "--no-plots"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     recs = records(out)

@@ -79,7 +79,17 @@ def test_tiny_under_torchrun_matches_one_process_and_only_rank0_writes(tmp_path,
     root.mkdir()
     log.mkdir()
     out, cache = root / "out", root / "cache"
-    args = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+    args = [
+        "run",
+        "tiny",
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--device",
+        "cpu",
+        "--no-plots",
+    ]
     proc = subprocess.run(
         fct_command(*args, "--nproc", "2"),
         cwd=tmp_path,
@@ -122,6 +132,7 @@ def test_second_run_under_torchrun_reads_the_cache_and_skips(tmp_path, clean_tin
     single_out, single_cache, _ = clean_tiny
     out = tmp_path / "out"
     args = ["run", "tiny", "--out", str(out), "--cache", str(single_cache), "--device", "cpu"]
+    args.append("--no-plots")
     proc = run_fct(*args, "--nproc", "2", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "training " not in proc.stderr  # every artifact came from the cache
@@ -271,7 +282,17 @@ def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_ti
         shutil.copytree(single_cache, cache)
         shutil.rmtree(cache / "features")  # every embedding is made again, sharded on 2 ranks
         out = tmp_path / f"out{nproc}"
-        args = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+        args = [
+            "run",
+            "tiny",
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+            "--device",
+            "cpu",
+            "--no-plots",
+        ]
         args += [x for k in keys for x in ("--set", k)] + ["--methods", "independent,fct"]
         proc = run_fct(*args, "--nproc", nproc, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -339,6 +360,7 @@ def test_bn_free_suite_under_torchrun_equals_one_process(tmp_path):
     for nproc in ("1", "2"):
         out, cache = tmp_path / f"out{nproc}", tmp_path / f"cache{nproc}"
         args = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+        args.append("--no-plots")
         if nproc == "2":
             args += ["--nproc", "2"]
         proc = run_fct(*args, cwd=tmp_path, timeout=600)

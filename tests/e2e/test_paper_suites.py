@@ -39,6 +39,7 @@ def test_paper_suite_smoke_end_to_end(suite, tmp_path):
             "run",
             suite,
             "--smoke",
+            "--no-plots",  # the wiring: plots are tested on tiny and in the report tests
             "--data-root",
             str(data),
             "--out",

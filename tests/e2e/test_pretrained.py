@@ -38,7 +38,7 @@ def trained_old(tmp_path_factory) -> tuple[Path, Path]:
     """A run of tiny that trains the old model; (its out folder, the old model's weights)."""
     base = tmp_path_factory.mktemp("trained-old")
     out, cache = base / "out", base / "cache"
-    proc = run_fct(*tiny_args(out, cache, *METHODS), cwd=base)
+    proc = run_fct(*tiny_args(out, cache, *METHODS, "--no-plots"), cwd=base)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (entry,) = (cache / "models").glob(f"{OLD}-*")
     return out, entry / "tensors.safetensors"
