@@ -327,3 +327,42 @@ def test_ranking_metrics_reach_the_records(tmp_path, capsys):
     assert cases["new/new"]["recall@10"] == pytest.approx(want["recall@10"], abs=1e-3)
     assert cases["new/new"]["mrr@10"] == pytest.approx(want["mrr@10"], abs=1e-3)
     assert {"recall@10", "mrr@10"} <= set(cases["cross"]) and "recall@1" not in cases["cross"]
+
+
+def test_a_query_fraction_of_one_stored_eval_set(tmp_path, capsys):
+    """[eval] query_fraction on a stored eval set: the same seeded per-class draw as on images
+    (fct.embedding.query_mask), queries against the rest, nothing excluded by index; with
+    query and gallery files, or image splits, it is refused in one line."""
+    from fct.embedding import query_mask
+
+    evals = make_arrays(160, d_old=16, d_new=16, seed=1)
+    train = make_arrays(240, d_old=16, d_new=16, seed=0)
+    suite = write_suite(tmp_path, ["independent", "affine_g"], train, evals)
+    text = suite.read_text().replace("curves = false", "curves = false\nquery_fraction = 0.25")
+    suite.write_text(text + '[methods.affine_g]\nbase = "affine"\ndirection = "gallery"\n')
+    code, err = run(capsys, suite)
+    assert code == 0, err
+    sc = load_suite(str(suite)).scenarios[0]
+    keep = query_mask(sc.eval, torch.from_numpy(evals["labels"])).numpy()
+    assert 0 < keep.sum() < len(keep)
+    q, g, ql, gl = (
+        evals["new"][keep],
+        evals["old"][~keep],
+        evals["labels"][keep],
+        evals["labels"][~keep],
+    )
+    want = retrieval.evaluate(retrieval.FeatureSet(q, ql), retrieval.FeatureSet(g, gl))
+    cross = records(tmp_path)["independent"]["cases"]["cross"]
+    assert cross["mAP"] == pytest.approx(want["mAP"], abs=1e-3)
+    assert (
+        cross["n_query"] + cross["n_skipped"] == keep.sum() and cross["n_gallery"] == (~keep).sum()
+    )
+    assert "nfr" in cross and "pfr" in cross
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    suite = write_suite(bad, ["independent"])
+    suite.write_text(
+        suite.read_text().replace("curves = false", 'curves = false\nquery_split = "train"')
+    )
+    assert "query_split and gallery_split name image splits" in fails(capsys, suite)
