@@ -62,3 +62,4 @@ def test_paper_suite_smoke_end_to_end(suite, tmp_path):
     board = (out / "leaderboard.md").read_text()
     assert "FCT" in board and "Independent" in board
     assert (out / "index.html").exists()
+    assert not (out / "plots").exists()  # --no-plots reached the run's report
