@@ -36,11 +36,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 E2E = ROOT / "tests" / "e2e"
 
 
+#: Fixtures that run a whole `fct run tiny`: a test that uses one is end to end.
+WHOLE_RUN_FIXTURES = {"clean_tiny", "tiny_run"}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every end-to-end test (tests/e2e/: whole runs, subprocesses, torchrun, crash loops) is
-    ``slow``: ``pytest -m "not slow"`` is the inner loop of unit tests."""
+    """Every end-to-end test (tests/e2e/: whole runs, subprocesses, torchrun, crash loops),
+    and every test elsewhere that uses a whole-run fixture, is ``slow``: ``pytest -m "not
+    slow"`` is the inner loop of unit tests."""
     for item in items:
-        if item.path.is_relative_to(E2E):
+        uses_run = WHOLE_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(E2E) or uses_run:
             item.add_marker(pytest.mark.slow)
 
 
