@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -328,6 +329,15 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
         "shape": (shard.rows, mapper.d_out),
     }
     digest, size = hashlib.sha256(), 0
+
+    def put(
+        chunk: bytes,
+    ) -> None:  # in order, on the writer thread (hashlib and write drop the GIL)
+        nonlocal size
+        fh.write(chunk)
+        digest.update(chunk)
+        size += len(chunk)
+
     with contextlib.ExitStack() as stack:
         fds = []
         for path in (shard.path, shard.side):
@@ -337,6 +347,10 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
             fds.append(fd)
         tmp = stack.enter_context(atomic_path(target))
         fh = stack.enter_context(open(tmp, "wb"))
+        # One writer thread: a block's bytes are hashed and written while h computes the next
+        # (at most one block waits), so the serial I/O does not idle h's threads.
+        writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="fct-transform"))
+        pending = None
         head = io.BytesIO()
         np.lib.format.write_array_header_1_0(head, header)
         chunks = [head.getvalue()]
@@ -349,16 +363,16 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
             old = _rows(arr, a, b, shard.path)
             s = None if side is None else _rows(side, a, b, shard.side)
             chunks.append(mapper(old, s).numpy().astype(shard.dtype, copy=False).tobytes())
-            for chunk in chunks:  # the record's sha256 is of the bytes written, not reread
-                fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
+            if pending is not None:
+                pending.result()  # raises the writer's error here, in order
+            # the record's sha256 is of the bytes written, not reread
+            pending = writer.submit(lambda cs=chunks: [put(c) for c in cs])
             chunks = []
             bar.update(b - a)
+        if pending is not None:
+            pending.result()
         for chunk in chunks:  # an empty shard: the header alone
-            fh.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
+            put(chunk)
     return {"bytes": size, "sha256": digest.hexdigest(), "rows": shard.rows}
 
 
