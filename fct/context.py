@@ -239,8 +239,8 @@ class Context:
         role = Role.parse(data)
         if self.stored is not None:
             feats, labels = self._stored_embed(model, role, view)
-            key = {"data": ("stored", self.stored.digest())}
-            return self._query_cut(role, feats, labels, key)
+            # One stored evaluation set per scenario (and per Context): its mask, once.
+            return self._query_cut(role, feats, labels, "stored")
         spec, split = {
             Role.EVAL: (sc.eval, sc.eval.gallery_data),
             Role.QUERY: (sc.eval, sc.eval.query_data),
@@ -254,16 +254,15 @@ class Context:
         feats, labels = self.memo.get_or_build(
             ("embed", str(key)), lambda: self._embed(model, spec, split, key)
         )
-        return self._query_cut(role, feats, labels, key)
+        return self._query_cut(role, feats, labels, str(key["data"]))
 
-    def _query_cut(self, role: Role, feats, labels, key: dict):
-        """With ``[eval] query_fraction``, the queries' or the gallery's part of the split."""
+    def _query_cut(self, role: Role, feats, labels, data: str):
+        """With ``[eval] query_fraction``, the queries' or the gallery's part of the split
+        ``data`` (whose draw is made once per Context)."""
         sc = self.scenario
         if role in (Role.EVAL, Role.QUERY) and sc.eval.query_fraction is not None:
             # One split, cut into queries and gallery (the whole split is embedded once).
-            keep = self.memo.get_or_build(
-                ("query-mask", str(key["data"])), lambda: query_mask(sc.eval, labels)
-            )
+            keep = self.memo.get_or_build(("query-mask", data), lambda: query_mask(sc.eval, labels))
             keep = keep if role == Role.QUERY else ~keep
             feats, labels = feats[keep], labels[keep]
         return feats, labels

@@ -71,6 +71,18 @@ def _int(config: dict, key: str, where: str, low: int = 1) -> int:
     return value
 
 
+def _load_strict(module: torch.nn.Module, tensors: dict, where: str, what: str) -> None:
+    """Load ``tensors`` into ``module`` exactly (no missing or extra key, every shape equal);
+    otherwise one line naming the file, what it should hold and torch's first complaint."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise FCTError(
+            f"{where}: its tensors are not {what} ({first.strip()[:200]}); check the file's fct.config"
+        ) from None
+
+
 def load_h(tensors: dict[str, torch.Tensor], config: dict, where: str) -> Mapper:
     """FCT's transformation h (fct.models.Transformation), run folded (BatchNorm folded, the
     fused oneDNN kernels on CPU: fct.models.transformation.FoldedTransformation)."""
@@ -82,14 +94,7 @@ def load_h(tensors: dict[str, torch.Tensor], config: dict, where: str) -> Mapper
     ]
     with torch.random.fork_rng(devices=[]):  # building the module draws initial weights
         h = Transformation(*dims)
-    try:
-        h.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise FCTError(
-            f"{where}: its tensors are not an FCT transformation of {config} ({first.strip()[:200]}); "
-            "check the file's fct.config"
-        ) from None
+    _load_strict(h, tensors, where, f"an FCT transformation of {config}")
     folded = h.eval().folded()
     return Mapper("transformation", h.d_old, h.d_side, h.d_new, folded, where, "")
 
@@ -112,14 +117,7 @@ def _adapter_map(kind: str, tensors: dict[str, torch.Tensor], config: dict, wher
             f'{where}: config \'direction\' must be "gallery" or "query", got {direction!r}'
         )
     module = build_map(kind, sizes)
-    try:
-        module.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
-        raise FCTError(
-            f"{where}: its tensors are not a {kind} map of {sizes} ({first.strip()[:200]}); "
-            "check the file's fct.config"
-        ) from None
+    _load_strict(module, tensors, where, f"a {kind} map of {sizes}")
     module.eval()
     return Mapper(
         kind, sizes["d_in"], 0, sizes["d_out"], lambda x, _s: module(x), where, "", direction

@@ -366,3 +366,25 @@ def test_a_query_fraction_of_one_stored_eval_set(tmp_path, capsys):
         suite.read_text().replace("curves = false", 'curves = false\nquery_split = "train"')
     )
     assert "query_split and gallery_split name image splits" in fails(capsys, suite)
+    # A sequence needs a model per generation; stored files hold two.
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    suite = write_suite(seq, ["independent"])
+    suite.write_text(
+        suite.read_text().replace(
+            'name = "pair"', 'name = "pair"\nkinds = ["sequence"]\nmodels = [{}, {}, {}]'
+        )
+    )
+    assert "stored embeddings hold an old and a new model only" in fails(capsys, suite)
+    # Queries named twice: a query file and a fraction of the eval set.
+    both = tmp_path / "both"
+    both.mkdir()
+    for name, n in (("train", 60), ("query", 20), ("gallery", 40)):
+        write_set(both / f"{name}.npz", make_arrays(n, 16, 24, seed=len(name)))
+    suite = write_suite(both, ["independent"])
+    text = suite.read_text().replace(
+        'embeddings = { train = "train.npz", eval = "eval.npz" }',
+        'embeddings = { train = "train.npz", query = "query.npz", gallery = "gallery.npz" }',
+    )
+    suite.write_text(text.replace("curves = false", "curves = false\nquery_fraction = 0.5"))
+    assert "query_fraction and the stored query file both name the queries" in fails(capsys, suite)

@@ -26,6 +26,7 @@ from report_records import (  # noqa: F401  (SUITE etc.: other test files import
     write_record,
 )
 
+from fct.cli import main
 from fct.errors import FCTError
 from fct.io import write_json
 from fct.report import METRICS, build_report, load_records
@@ -576,3 +577,24 @@ def test_no_plots_writes_the_rest_and_removes_stale_plots(tmp_path: Path) -> Non
     assert not any("plots" in p.parts for p in paths)
     assert "<img" not in (folder / "index.html").read_text()
     assert {p: p.read_bytes() for p in paths if p.suffix in (".md", ".tex", ".csv")} == tables
+    build_report(SUITE, [folder])  # plots back, then off again through the CLI flag
+    assert (folder / "plots").is_dir()
+    argv = ["report", SUITE, "--results", str(folder), "--no-reference", "--no-plots"]
+    assert main(argv) == 0
+    assert not (folder / "plots").exists()
+
+
+def test_recovery_note_only_beside_recovery_columns(tmp_path: Path) -> None:
+    folder = tmp_path / SUITE
+    records = base_records()
+    for rec in records:
+        write_record(folder, rec)
+    build_report(SUITE, [folder], plots=False)
+    board = (folder / "leaderboard.md").read_text()
+    assert "recovery mAP" not in board and "recall recovery" not in board
+    rec = records[0]
+    rec["recovery"] = {"top1": 0.9, "mAP": 0.95, "direction": "gallery", "fit_seconds": 1.0}
+    write_record(folder, rec)
+    build_report(SUITE, [folder], plots=False)
+    board = (folder / "leaderboard.md").read_text()
+    assert "recovery mAP" in board and "recall recovery" in board

@@ -154,6 +154,50 @@ def test_nan_row_names_shard_and_row_and_keeps_finished_shards(tmp_path, h_file)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [STATE, "part00.npy"]
 
 
+def test_a_failed_write_on_the_writer_thread_keeps_finished_shards(tmp_path, h_file, monkeypatch):
+    """A full disk in the middle of a shard (raised on the writer thread): one line naming the
+    file and the fix, the finished shard kept, no partial or temp file left, and a rerun writes
+    the bytes of an undisturbed run."""
+    import builtins
+    import errno
+
+    _, path = h_file
+    gallery(tmp_path / "in", [30, 30])
+    clean = tmp_path / "clean"
+    transform_gallery(load_artifact(str(path)), tmp_path / "in", clean, batch=8)
+
+    class Full:
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        fh = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 (closed by its caller)
+        return Full(fh) if "part01" in str(file) and "w" in mode else fh
+
+    monkeypatch.setattr("fct.transform.open", fake_open, raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(FCTError, match=r"no space left on device while writing .*part01\.npy"):
+        transform_gallery(load_artifact(str(path)), tmp_path / "in", out, batch=8)
+    assert sorted(p.name for p in out.iterdir()) == [STATE, "part00.npy"]
+    monkeypatch.undo()
+    summary = transform_gallery(load_artifact(str(path)), tmp_path / "in", out, batch=8)
+    assert (summary.shards, summary.skipped) == (1, 1)
+    for name in ("part00.npy", "part01.npy"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+
+
 def test_output_inside_input_is_refused(tmp_path, h_file):
     _, path = h_file
     gallery(tmp_path / "in", [5])
