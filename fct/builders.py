@@ -116,7 +116,7 @@ def train_loader(
         device=session.device,
         drop_last=len(src) > spec.batch_size,
         epoch=epoch,
-        num_workers=loader_workers() if src.images is None else 0,
+        num_workers=loader_workers(src),
         rank=distributed.rank(),
         world=distributed.world(),
     )

@@ -80,7 +80,7 @@ def embed_split(
             augment=view["augment"] if view else None,
             epoch=view["index"] if view else 0,
             device=session.device,
-            num_workers=loader_workers() if src.images is None else 0,
+            num_workers=loader_workers(src),
         )
         log.info(
             "embedding %s (%d images%s) with %s",

@@ -115,9 +115,18 @@ class Trained:
         return int(self._backbone().in_chans)
 
 
-def loader_workers() -> int:
-    """DataLoader workers per process for folder datasets: this node's cores shared by its
+#: Folder splits of at most this many images are decoded in the calling process: starting
+#: DataLoader workers (a fork of a process that holds models: 50 ms each measured on a 2-core
+#: CPU, then their first batches) costs more than decoding that many files (a few ms each).
+INLINE_DECODE_MAX = 128
+
+
+def loader_workers(source: Any = None) -> int:
+    """DataLoader workers per process for ``source``: none for an in-memory source or a folder
+    split of at most ``INLINE_DECODE_MAX`` images; otherwise this node's cores shared by its
     ranks, at least 2 and at most 8 each."""
+    if source is not None and (source.images is not None or len(source) <= INLINE_DECODE_MAX):
+        return 0
     return max(2, min(8, (os.cpu_count() or 4) // distributed.local_world()))
 
 

@@ -375,6 +375,23 @@ def collect(loader) -> list:
     return [(x, y) for x, y in loader]
 
 
+def test_small_folder_splits_are_decoded_in_process():
+    """No DataLoader workers for an in-memory source or a folder split of at most
+    INLINE_DECODE_MAX images (forking them costs more than the decoding); 2 or more above."""
+    from types import SimpleNamespace
+
+    from fct.session import INLINE_DECODE_MAX, loader_workers
+
+    class Folder(SimpleNamespace):
+        def __len__(self) -> int:
+            return self.n
+
+    assert loader_workers(Folder(images=None, n=INLINE_DECODE_MAX)) == 0
+    assert loader_workers(Folder(images=torch.zeros(1), n=10**6)) == 0
+    assert 2 <= loader_workers(Folder(images=None, n=INLINE_DECODE_MAX + 1)) <= 8
+    assert loader_workers(Folder(images=None, n=INLINE_DECODE_MAX + 1)) == loader_workers()
+
+
 def test_loader_shapes_len_and_normalisation():
     src = small_source()
     loader = make_loader(src, 16, shuffle=False, seed=0)
