@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import forked_cli
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,16 +69,29 @@ def fct_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fct", *args]
 
 
-def run_fct(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `fct ARGS` to completion in a subprocess; returns it with stderr captured."""
-    return subprocess.run(
-        fct_command(*args),
-        cwd=cwd,
-        env=fct_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_fct(
+    *args: str, cwd: Path, timeout: float = 300, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """Run `fct ARGS` to completion in a process of its own; returns it with its output captured.
+
+    The process is a fork of this one (tests/helpers/forked_cli.py: the CLI without 4 s of
+    imports); ``fresh`` starts a new interpreter (`python -m fct`) instead.
+    """
+    if fresh:
+        return subprocess.run(
+            fct_command(*args),
+            cwd=cwd,
+            env=fct_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    return forked_cli.run(args, cwd, fct_env(), timeout)
+
+
+def start_fct(*args: str, cwd: Path, stdout: int = subprocess.DEVNULL) -> forked_cli.Forked:
+    """`fct ARGS` started in a forked process of its own (stderr a text pipe), not waited for."""
+    return forked_cli.Forked(args, cwd, fct_env(), stdout=stdout, stderr=subprocess.PIPE)
 
 
 def tiny_args(out: Path, cache: Path, *more: str) -> list[str]:
@@ -143,11 +157,27 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def clean_tiny(tmp_path_factory) -> tuple[Path, Path, dict[str, dict]]:
-    """One uninterrupted `fct run tiny` (subprocess, seed 0): (out, cache, normalised records)."""
-    base = tmp_path_factory.mktemp("clean-tiny")
+    """One uninterrupted `fct run tiny` (a new interpreter, seed 0): (out, cache, normalised
+    records). Made once per test session: pytest-xdist's workers share it (the first to ask
+    runs it under a lock, the others wait and read it); tests copy the cache before changing
+    anything in it."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    base = root / "clean-tiny"
     out, cache = base / "out", base / "cache"
-    proc = run_fct(*tiny_args(out, cache), cwd=base)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(root / "clean-tiny.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not (base / "finished").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir()
+            # A new interpreter: the records every forked or in-process run is compared with.
+            proc = run_fct(*tiny_args(out, cache), cwd=base, fresh=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (base / "finished").touch()
     recs = records(out)
     assert len(recs) == 4
     return out, cache, recs

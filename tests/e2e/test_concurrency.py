@@ -4,11 +4,10 @@ artifact while the other waits for it and then loads it; neither corrupts the ca
 from __future__ import annotations
 
 import fcntl
-import subprocess
 import threading
 import time
 
-from conftest import assert_cache_verifies, entries, fct_command, fct_env, records, tiny_args
+from conftest import assert_cache_verifies, entries, records, start_fct, tiny_args
 
 FIRST = "models/test_resnet-synthetic-all-ce-32"  # the first artifact `fct run tiny` builds
 
@@ -24,17 +23,7 @@ def test_two_runs_share_one_cache_without_corrupting_it(clean_tiny, tmp_path):
     lock = open(cache / "locks" / f"{first.name.rsplit('-', 1)[1]}.lock", "a+")  # noqa: SIM115
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
 
-    procs = [
-        subprocess.Popen(
-            fct_command(*tiny_args(out, cache, "--no-plots")),
-            cwd=tmp_path,
-            env=fct_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for out in outs
-    ]
+    procs = [start_fct(*tiny_args(out, cache, "--no-plots"), cwd=tmp_path) for out in outs]
     logs: list[list[str]] = [[], []]
     readers = [
         threading.Thread(target=lambda p=p, log=log: log.extend(p.stderr), daemon=True)

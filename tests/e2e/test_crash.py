@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 import threading
 from pathlib import Path
 
-from conftest import assert_cache_verifies, fct_command, fct_env, records, run_fct, tiny_args
+from conftest import assert_cache_verifies, records, run_fct, start_fct, tiny_args
 
 # (what the killed run must have printed, to its log, when SIGKILL arrives). Each kill lands
 # a few milliseconds after the line, while the process goes on working: mid-epoch, mid-write.
@@ -27,14 +26,7 @@ KILL_POINTS = (
 
 def run_until(args: list[str], cwd: Path, marker: str, timeout: float = 300) -> str:
     """Start `fct ARGS`, SIGKILL it as soon as its log shows ``marker``; return the log."""
-    proc = subprocess.Popen(
-        fct_command(*args),
-        cwd=cwd,
-        env=fct_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_fct(*args, cwd=cwd)
     watchdog = threading.Timer(timeout, proc.kill)
     watchdog.start()
     lines = []

@@ -1,0 +1,189 @@
+"""`fct ARGS` in a forked copy of the test process instead of a fresh interpreter.
+
+A fresh `python -m fct` spends about 4 CPU seconds importing torch and timm before it does
+anything; the end-to-end tests start some fifty of them, which on a 2-core machine was a
+quarter of the whole suite's time. A fork of the test process, where torch, timm and fct are
+already imported, starts in milliseconds and is otherwise the CLI as a user meets it: its own
+process (SIGKILL, exit status, file locks and crash safety are real), its own environment
+(replaced wholesale, as ``subprocess`` does), current directory, stdin from /dev/null, and
+stdout/stderr as pipes, with `fct`'s own logging set up by `fct.cli.main` on a clean root
+logger. An exception that escapes `main` prints its traceback and exits 1, as the interpreter
+does, so the "never a traceback" assertions still see one.
+
+What a fork cannot give is an interpreter that starts from nothing: the tests that need one
+(a launcher whose environment must apply at startup, an installed console script, the
+reference run `clean_tiny`, torchrun's ranks) keep ``subprocess`` (see docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _child(argv: Sequence[str], cwd: Path, env: dict[str, str], out_fd: int, err_fd: int) -> int:
+    """In the forked child: become `python -m fct ARGV`; returns the exit status."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    # The interpreter's defaults, not pytest's or the test's.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace" if fd == 2 else "strict",
+            line_buffering=True,
+            write_through=unbuffered or fd == 2,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    # pytest's capture handlers hang on the root logger; `fct` configures its own.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.argv = ["fct", *argv]
+    from fct.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        return 0
+    if not isinstance(code, int):
+        print(code, file=sys.stderr)
+        return 1
+    return code
+
+
+class Forked:
+    """A `subprocess.Popen` look-alike for a forked `fct` (the parts the tests use)."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: Path | str,
+        env: dict[str, str],
+        stdout: int | None = subprocess.PIPE,
+        stderr: int | None = subprocess.PIPE,
+    ) -> None:
+        self.args = ["fct", *argv]
+        self.returncode: int | None = None
+        pipes = {}
+        for name, mode in (("stdout", stdout), ("stderr", stderr)):
+            if mode == subprocess.PIPE:
+                pipes[name] = os.pipe()
+            elif mode == subprocess.DEVNULL:
+                pipes[name] = (0, os.open(os.devnull, os.O_WRONLY))
+            else:
+                raise ValueError(f"{name}={mode!r}: only PIPE and DEVNULL are supported")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                for r, _ in pipes.values():
+                    if r:
+                        os.close(r)
+                code = _child(argv, Path(cwd), env, pipes["stdout"][1], pipes["stderr"][1])
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(BaseException):
+                        stream.flush()
+                os._exit(code & 0xFF)
+        self.pid = pid
+        for _, w in pipes.values():
+            os.close(w)
+        # Read ends as text files, closed by communicate() or by the caller (as Popen's).
+        self.stdout = self.stderr = None
+        if pipes["stdout"][0]:
+            self.stdout = open(pipes["stdout"][0], encoding="utf-8")  # noqa: SIM115
+        if pipes["stderr"][0]:
+            self.stderr = open(pipes["stderr"][0], encoding="utf-8")  # noqa: SIM115
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        if end is None and self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        while self.poll() is None:
+            if time.monotonic() > end:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Read both pipes to the end (two threads: neither can fill up and block the child)."""
+        texts: dict[str, str] = {}
+
+        def drain(name: str) -> None:
+            stream = getattr(self, name)
+            texts[name] = stream.read() if stream is not None else ""
+            if stream is not None:
+                stream.close()
+
+        readers = [
+            threading.Thread(target=drain, args=(n,), daemon=True) for n in ("stdout", "stderr")
+        ]
+        for t in readers:
+            t.start()
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        for t in readers:
+            t.join()
+        return texts["stdout"], texts["stderr"]
+
+
+def run(
+    argv: Sequence[str], cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """`fct ARGV` to completion in a forked child; stdout and stderr captured as text."""
+    proc = Forked(argv, cwd, env)
+    out, err = proc.communicate(timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
