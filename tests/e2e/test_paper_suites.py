@@ -1,5 +1,11 @@
 """Every paper suite's whole wiring with `--smoke` on fabricated copies of its dataset in the
-real on-disk format, end to end through `fct run` (real timm architectures, shrunk)."""
+real on-disk format, end to end through `fct run` (real timm architectures, shrunk data).
+
+The suites' default backbone, ResNet50, is swapped for ResNet18 here (`--set
+defaults.model.arch`): the same timm family through the same code, at a third of the CPU time
+(the ImageNet suite trains 23 backbones). Every other architecture a scenario names (ResNet18,
+ViT-S/16, ConvNeXt-T) runs as shipped, and every architecture of every shipped suite, ResNet50
+included, is built at its smoke size and trained a step by the last test below."""
 
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ def test_paper_suite_smoke_end_to_end(suite, tmp_path):
             suite,
             "--smoke",
             "--no-plots",  # the wiring: plots are tested on tiny and in the report tests
+            "--set",
+            'defaults.model.arch="resnet18"',  # see the top of this file
             "--data-root",
             str(data),
             "--out",
@@ -58,8 +66,53 @@ def test_paper_suite_smoke_end_to_end(suite, tmp_path):
         found.add((rec["scenario"], rec["method"]))
         assert set(rec["cases"]) == {"old/old", "new/new", "cross"}
         assert rec["scenario_config"]["eval"]["max_per_class"] == 4
+        assert "resnet50" not in json.dumps(rec["scenario_config"])
     assert found == expected
     board = (out / "leaderboard.md").read_text()
     assert "FCT" in board and "Independent" in board
     assert (out / "index.html").exists()
     assert not (out / "plots").exists()  # --no-plots reached the run's report
+
+
+def test_every_architecture_of_every_paper_suite_builds_and_trains_at_its_smoke_size():
+    """What the swap above leaves out: each (architecture, image size, stem, embedding) a
+    paper suite's smoke run builds, built as the runner builds it (fct.models.EmbeddingModel,
+    3 channels) and trained one SGD step on a batch of 4."""
+    import torch
+
+    from fct.models import EmbeddingModel
+    from fct.suite_variants import smoke
+
+    specs = {}
+    for name in ("cifar100", "imagenet", "places365", "vggface2"):
+        for sc in load_suite(name).scenarios:
+            sc = smoke(sc)
+            for spec in (sc.old, sc.new, sc.side, *sc.models):
+                if spec is not None and spec.weights is None:
+                    key = (spec.arch, spec.image_size, spec.small_stem, spec.embedding_dim)
+                    specs.setdefault(key, spec)
+    assert {"resnet50", "resnet18", "vit_small_patch16_224", "convnext_tiny"} == {
+        k[0] for k in specs
+    }
+    for (arch, size, _, dim), spec in sorted(specs.items(), key=str):
+        torch.manual_seed(0)
+        model = EmbeddingModel(
+            arch,
+            dim,
+            10,
+            in_chans=3,
+            image_size=size,
+            embed_act=spec.embed_act,
+            arch_args=dict(spec.arch_args),
+            small_stem=spec.small_stem,
+        )
+        x, y = torch.randn(4, 3, size, size), torch.arange(4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        model.train()
+        emb, logits = model(x)
+        assert emb.shape == (4, dim) and logits.shape == (4, 10), arch
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            assert torch.isfinite(model.embed(x)).all(), arch
