@@ -19,6 +19,7 @@ Numbers of `fct run tiny --methods independent,bct,fct,fastfill,fastfill_side,ra
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,10 @@ def test_bct_pushes_towards_the_old_space_end_to_end(clean_tiny) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_new(tmp_path_factory):
+def tiny_new(clean_tiny, tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny-more")
     out, cache = base / "results", base / "cache"
+    shutil.copytree(clean_tiny[1], cache)  # the old model and FCT's, trained once
     # Independent adds only an evaluation: its new model is FCT's.
     methods = ",".join(("independent", "fct", *NEW_METHODS))
     argv = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]

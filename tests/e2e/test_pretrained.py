@@ -1,5 +1,5 @@
 """Model specs with given weights (``weights = "PATH.safetensors"``): tiny's old model, trained
-and saved by the test itself, given as weights trains nothing and gives the records of the run
+and saved by the clean run of tiny (conftest.clean_tiny), given as weights trains nothing and gives the records of the run
 that trained it; weights that do not fit the spec, and methods that would retrain given new
 weights, are refused before anything trains."""
 
@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import records, run_fct, tiny_args
+from conftest import records, run_fct
 
 from fct.errors import FCTError
 from fct.scenarios import load_suite
@@ -34,14 +34,14 @@ def suite_with(tmp_path: Path, table: str, line: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_old(tmp_path_factory) -> tuple[Path, Path]:
-    """A run of tiny that trains the old model; (its out folder, the old model's weights)."""
-    base = tmp_path_factory.mktemp("trained-old")
-    out, cache = base / "out", base / "cache"
-    proc = run_fct(*tiny_args(out, cache, *METHODS, "--no-plots"), cwd=base)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def trained_old(clean_tiny) -> tuple[dict[str, dict], Path]:
+    """The clean run of tiny that trained the old model (conftest.clean_tiny): (its normalised
+    records of the methods run here, the old model's weights)."""
+    _, cache, recs = clean_tiny
     (entry,) = (cache / "models").glob(f"{OLD}-*")
-    return out, entry / "tensors.safetensors"
+    mine = {k: v for k, v in recs.items() if Path(k).stem in ("independent", "fct")}
+    assert len(mine) == 2
+    return mine, entry / "tensors.safetensors"
 
 
 def give(tmp_path: Path, weights: Path) -> None:
@@ -68,11 +68,11 @@ def test_given_old_weights_train_nothing_and_give_the_same_records(tmp_path, tra
     assert f"training models/{OLD} " not in proc.stderr
     assert f"for models/{OLD}-pretrained (nothing trained" in proc.stderr
     assert "training models/test_resnet-synthetic-all-ce-32 " in proc.stderr  # new still trains
-    assert comparable(records(out)) == comparable(records(trained))
+    assert comparable(records(out)) == comparable(trained)
     # The weights' sha256 is in the scenario's config (and hash), not their path.
     rec = next(iter(records(out).values()))
     assert rec["scenario_config"]["old"]["weights"].startswith("sha256:")
-    assert "weights" not in next(iter(records(trained).values()))["scenario_config"]["old"]
+    assert "weights" not in next(iter(trained.values()))["scenario_config"]["old"]
 
 
 def test_weights_that_do_not_fit_are_one_line_before_training(tmp_path, trained_old):

@@ -5,6 +5,7 @@ same (cached) embeddings, on the synthetic tiny suite and on a tiny fake Fashion
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,11 @@ def suite_with(tmp_path: Path, eval_keys: str, name: str = "suite.toml") -> Path
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("query-sets") / "cache"
+def shared_cache(clean_tiny, tmp_path_factory) -> Path:
+    """A copy of the clean run's cache: tiny's models, trained once (conftest.clean_tiny)."""
+    cache = tmp_path_factory.mktemp("query-sets") / "cache"
+    shutil.copytree(clean_tiny[1], cache)
+    return cache
 
 
 @pytest.mark.parametrize(

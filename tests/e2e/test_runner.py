@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(clean_tiny, tmp_path_factory):
+    """A copy of the clean run of tiny (conftest.clean_tiny), results and cache, that the tests
+    here rerun and change."""
     base = tmp_path_factory.mktemp("tiny")
     out, cache = base / "results", base / "cache"
-    assert main(["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]) == 0
+    shutil.copytree(clean_tiny[0], out)
+    shutil.copytree(clean_tiny[1], cache)
     return out, cache
 
 
