@@ -41,14 +41,34 @@ E2E = ROOT / "tests" / "e2e"
 WHOLE_RUN_FIXTURES = {"clean_tiny", "tiny_run"}
 
 
+#: The longest single test file (the paper suites' smoke runs): started first among the slow
+#: tests that do not need the clean run, so it does not end the session alone on one core.
+LONGEST = E2E / "test_paper_suites.py"
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Every end-to-end test (tests/e2e/: whole runs, subprocesses, torchrun, crash loops),
     and every test elsewhere that uses a whole-run fixture, is ``slow``: ``pytest -m "not
-    slow"`` is the inner loop of unit tests."""
+    slow"`` is the inner loop of unit tests.
+
+    Then the order, for pytest-xdist's work stealing (which hands each worker an equal run of
+    consecutive tests, then moves tests from the end of a busy worker's queue to an idle one):
+    the tests built on the clean run of tiny first (the first half's worker makes it while the
+    other does not wait for it), the other slow tests at the start of the second half (the
+    longest first), and the unit tests behind each, so that what is left to steal at the end
+    is short. Within each group the collection order stays (a module's tests stay together,
+    for its module-scoped fixtures)."""
+    anchored, slow, unit = [], [], []
     for item in items:
-        uses_run = WHOLE_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if item.path.is_relative_to(E2E) or uses_run:
+        names = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(E2E) or WHOLE_RUN_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+            (anchored if "clean_tiny" in names else slow).append(item)
+        else:
+            unit.append(item)
+    slow.sort(key=lambda item: item.path != LONGEST)  # stable: otherwise collection order
+    cut = min(len(unit), max(0, (len(slow) + len(unit) - len(anchored)) // 2))
+    items[:] = [*anchored, *unit[:cut], *slow, *unit[cut:]]
 
 
 # Record keys that measure time or speed (or say when and where), which no rerun reproduces.
