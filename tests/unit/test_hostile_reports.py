@@ -13,12 +13,11 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_fct
 from report_records import SUITE, base_records, check_latex_structure, make_record, write_record
 
 from fct.errors import FCTError
@@ -256,13 +255,7 @@ def test_corrupt_record_through_the_cli_exits_2_without_traceback(tmp_path: Path
         write_record(folder, rec)
     (folder / "runs" / "a" / "fct.json").unlink()
     (folder / "runs" / "a" / "fct.json").mkdir()  # a folder where a record should be
-    proc = subprocess.run(
-        [sys.executable, "-m", "fct", "report", SUITE, "--results", str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    proc = run_fct("report", SUITE, "--results", str(folder), cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
