@@ -36,6 +36,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 E2E = ROOT / "tests" / "e2e"
 
+# What a fresh interpreter registers (methods, datasets, losses), before any test adds a plugin:
+# every forked `fct` starts from it.
+forked_cli.remember_registries()
+
 
 #: Fixtures that run a whole `fct run tiny`: a test that uses one is end to end.
 WHOLE_RUN_FIXTURES = {"clean_tiny", "tiny_run"}

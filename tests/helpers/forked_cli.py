@@ -7,7 +7,8 @@ already imported, starts in milliseconds and is otherwise the CLI as a user meet
 process (SIGKILL, exit status, file locks and crash safety are real), its own environment
 (replaced wholesale, as ``subprocess`` does), current directory, stdin from /dev/null, and
 stdout/stderr as pipes, with `fct`'s own logging set up by `fct.cli.main` on a clean root
-logger. An exception that escapes `main` prints its traceback and exits 1, as the interpreter
+logger, and fct's registries as importing fct leaves them (a plugin an earlier test loaded
+into this process is forgotten). An exception that escapes `main` prints its traceback and exits 1, as the interpreter
 does, so the "never a traceback" assertions still see one.
 
 What a fork cannot give is an interpreter that starts from nothing: the tests that need one
@@ -29,6 +30,32 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+#: The registries as a fresh interpreter has them: (registry, its entries), from
+#: ``remember_registries`` (conftest, before any test runs).
+_REGISTRIES: list[tuple[object, dict]] = []
+
+
+def remember_registries() -> None:
+    """Record fct's registries (methods, datasets, losses) as importing fct leaves them."""
+    from fct.data.base import DATASETS
+    from fct.losses import LOSSES
+    from fct.methods.base import METHODS
+
+    _REGISTRIES[:] = [(r, dict(r._entries)) for r in (METHODS, DATASETS, LOSSES)]
+
+
+def _forget_plugins() -> None:
+    """In the child: the registries as recorded, and no plugin module imported by a test
+    (`fct --plugin` then imports and registers it again, as in a fresh interpreter)."""
+    for registry, entries in _REGISTRIES:
+        for name, obj in registry._entries.items():
+            if entries.get(name) is not obj:
+                sys.modules.pop(getattr(obj, "__module__", ""), None)
+        registry._entries.clear()
+        registry._entries.update(entries)
+    for name in [m for m in sys.modules if m.startswith("fct_plugin_")]:
+        del sys.modules[name]
 
 
 def _child(argv: Sequence[str], cwd: Path, env: dict[str, str], out_fd: int, err_fd: int) -> int:
@@ -61,6 +88,7 @@ def _child(argv: Sequence[str], cwd: Path, env: dict[str, str], out_fd: int, err
         root.removeHandler(handler)
     root.setLevel(logging.WARNING)
     logging.disable(logging.NOTSET)
+    _forget_plugins()
     import torch
 
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
