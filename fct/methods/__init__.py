@@ -33,7 +33,20 @@ ENTRY_POINT_GROUP = "fct.methods"
 
 
 def load_plugin(spec: str) -> None:
-    """Import a user's method module: a dotted module name or a path to a .py file."""
+    """Import a user's method module: a dotted module name or a path to a .py file.
+
+    Nothing is written beside the user's code: Python's bytecode cache (``__pycache__``) is
+    off while the plugin imports (fct writes only into its output folders and cache).
+    """
+    dont_write = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
+    try:
+        _load_plugin(spec)
+    finally:
+        sys.dont_write_bytecode = dont_write
+
+
+def _load_plugin(spec: str) -> None:
     path = Path(spec)
     try:
         if path.suffix == ".py":

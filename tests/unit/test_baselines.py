@@ -262,3 +262,24 @@ def test_a_plugins_settings_are_set_from_the_suite(tmp_path: Path) -> None:
     assert suite.scenarios[0].method("linear_map").settings.ridge == 0.25
     with pytest.raises(FCTError, match="setting 'ridge' must be >= 0"):
         parse_suite(text, "s", tmp_path / "s.toml", parse_set(["linear_map.ridge=-1"]))
+
+
+def test_a_plugin_file_leaves_no_bytecode_beside_it(tmp_path: Path, monkeypatch) -> None:
+    """`--plugin FILE.py` writes nothing beside the user's file (no __pycache__), even where
+    Python would cache bytecode, and leaves that setting as it was; a plugin that fails to
+    import neither."""
+    import sys
+
+    from fct.errors import FCTError
+    from fct.methods import load_plugin
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    good, bad = tmp_path / "good_plugin.py", tmp_path / "bad_plugin.py"
+    good.write_text("X = 1\n")
+    bad.write_text("import no_such_module_here\n")
+    load_plugin(str(good))
+    with pytest.raises(FCTError, match="failed to import"):
+        load_plugin(str(bad))
+    monkeypatch.delitem(sys.modules, "fct_plugin_good_plugin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_plugin.py", "good_plugin.py"]
+    assert sys.dont_write_bytecode is False
