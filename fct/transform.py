@@ -330,13 +330,14 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
     }
     digest, size = hashlib.sha256(), 0
 
-    def put(
-        chunk: bytes,
-    ) -> None:  # in order, on the writer thread (hashlib and write drop the GIL)
+    def put(chunks: list[bytes]) -> None:
+        """Write and hash ``chunks`` in order (on the writer thread: write and hashlib drop the
+        GIL); the record's sha256 is of the bytes written, not reread."""
         nonlocal size
-        fh.write(chunk)
-        digest.update(chunk)
-        size += len(chunk)
+        for chunk in chunks:
+            fh.write(chunk)
+            digest.update(chunk)
+            size += len(chunk)
 
     with contextlib.ExitStack() as stack:
         fds = []
@@ -365,14 +366,12 @@ def _transform_shard(mapper: Mapper, shard: Shard, out_dir: Path, batch: int, ba
             chunks.append(mapper(old, s).numpy().astype(shard.dtype, copy=False).tobytes())
             if pending is not None:
                 pending.result()  # raises the writer's error here, in order
-            # the record's sha256 is of the bytes written, not reread
-            pending = writer.submit(lambda cs=chunks: [put(c) for c in cs])
-            chunks = []
+            pending = writer.submit(put, chunks)
+            chunks = []  # a new list: the submitted one is the writer's
             bar.update(b - a)
         if pending is not None:
             pending.result()
-        for chunk in chunks:  # an empty shard: the header alone
-            put(chunk)
+        put(chunks)  # an empty shard: the header alone (otherwise nothing left)
     return {"bytes": size, "sha256": digest.hexdigest(), "rows": shard.rows}
 
 

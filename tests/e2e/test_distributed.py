@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, fct_command, fct_env, run_fct
+from conftest import ROOT, fct_command, fct_env, run_fct, tiny_args
 from safetensors.torch import load_file
 
 from fct.distributed import torchrun_command
@@ -212,18 +212,7 @@ def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_ti
         shutil.copytree(single_cache, cache)
         shutil.rmtree(cache / "features")  # every embedding is made again, sharded on 2 ranks
         out = tmp_path / f"out{nproc}"
-        args = [
-            "run",
-            "tiny",
-            "--out",
-            str(out),
-            "--cache",
-            str(cache),
-            "--device",
-            "cpu",
-            "--no-plots",
-        ]
-        args += [x for k in keys for x in ("--set", k)]
+        args = tiny_args(out, cache, "--no-plots", *(x for k in keys for x in ("--set", k)))
         proc = run_fct(*args, "--nproc", nproc, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "training " not in proc.stderr  # the models came from the cache
@@ -265,10 +254,11 @@ def test_a_suite_under_torchrun_matches_one_process_and_only_rank0_writes(tmp_pa
     (DDP sums the two ranks' gradients, another order of float additions than one process's
     batch sum, and sharded embedding runs other GEMM batch shapes), so: Independent's metrics,
     cosine cases and curves within 0.01 (measured: 0.0007 at most, a tie broken the other way
-    in the cosine old/old case; the rest equal to the last recorded digit); BCT (whose extended old classifier is a mean
-    of sharded old embeddings) within 0.05 mAP and one query of 320 on CMC (measured, seed 0:
-    0.009 mAP, 0.006 mAP@R, CMC equal), far below what a DDP bug does (ranks seeing the same
-    items or the same augmentation draws: points, not hundredths)."""
+    in the cosine old/old case; the rest equal to the last recorded digit); BCT (whose
+    extended old classifier is a mean of sharded old embeddings) within 0.05 mAP and one query
+    of 320 on CMC (measured, seed 0: 0.009 mAP, 0.006 mAP@R, CMC equal), far below what a DDP
+    bug does (ranks seeing the same items or the same augmentation draws: points, not
+    hundredths)."""
     single_out, _, _ = clean_tiny
     root, log = tmp_path / "work", tmp_path / "audit"
     root.mkdir()

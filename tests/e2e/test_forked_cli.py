@@ -1,7 +1,7 @@
 """The forked `fct` the end-to-end tests start (tests/helpers/forked_cli.py) answers as a fresh
 `python -m fct` does: same exit status, same stdout, same stderr, on a command that succeeds and
-on commands refused in one line; and what a fresh interpreter would
-print for an exception escaping `main` (a traceback, exit 1)."""
+on commands refused in one line; what a fresh interpreter prints for an exception escaping
+`main` (a traceback, exit 1); and SIGKILL kills it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Model specs with given weights (``weights = "PATH.safetensors"``): tiny's old model, trained
-and saved by the clean run of tiny (conftest.clean_tiny), given as weights trains nothing and gives the records of the run
-that trained it; weights that do not fit the spec, and methods that would retrain given new
-weights, are refused before anything trains."""
+and saved by the clean run of tiny (conftest.clean_tiny), given as weights trains nothing and
+gives the records of the run that trained it; weights that do not fit the spec, and methods
+that would retrain given new weights, are refused before anything trains."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ process (SIGKILL, exit status, file locks and crash safety are real), its own en
 (replaced wholesale, as ``subprocess`` does), current directory, stdin from /dev/null, and
 stdout/stderr as pipes, with `fct`'s own logging set up by `fct.cli.main` on a clean root
 logger, and fct's registries as importing fct leaves them (a plugin an earlier test loaded
-into this process is forgotten). An exception that escapes `main` prints its traceback and exits 1, as the interpreter
-does, so the "never a traceback" assertions still see one.
+into this process is forgotten). An exception that escapes `main` prints its traceback and
+exits 1, as the interpreter does, so the "never a traceback" assertions still see one.
 
 What a fork cannot give is an interpreter that starts from nothing: the tests that need one
 (a launcher whose environment must apply at startup, an installed console script, the
@@ -125,7 +125,7 @@ class Forked:
             if mode == subprocess.PIPE:
                 pipes[name] = os.pipe()
             elif mode == subprocess.DEVNULL:
-                pipes[name] = (0, os.open(os.devnull, os.O_WRONLY))
+                pipes[name] = (None, os.open(os.devnull, os.O_WRONLY))  # no read end
             else:
                 raise ValueError(f"{name}={mode!r}: only PIPE and DEVNULL are supported")
         sys.stdout.flush()
@@ -135,7 +135,7 @@ class Forked:
             code = 1
             try:
                 for r, _ in pipes.values():
-                    if r:
+                    if r is not None:
                         os.close(r)
                 code = _child(argv, Path(cwd), env, pipes["stdout"][1], pipes["stderr"][1])
             except BaseException:
@@ -151,9 +151,9 @@ class Forked:
             os.close(w)
         # Read ends as text files, closed by communicate() or by the caller (as Popen's).
         self.stdout = self.stderr = None
-        if pipes["stdout"][0]:
+        if pipes["stdout"][0] is not None:
             self.stdout = open(pipes["stdout"][0], encoding="utf-8")  # noqa: SIM115
-        if pipes["stderr"][0]:
+        if pipes["stderr"][0] is not None:
             self.stderr = open(pipes["stderr"][0], encoding="utf-8")  # noqa: SIM115
 
     def poll(self) -> int | None:
