@@ -1,5 +1,11 @@
-"""Multi-process training under torchrun on the CPU (gloo): exact equivalence of the DDP
-trainer with one process, and `fct run tiny --nproc 2` against a single-process run.
+"""Multi-process training on the CPU (gloo): exact equivalence of the DDP trainer with one
+process, and `fct run` on two ranks against a single-process run.
+
+The ranks are forks of the test process with the environment torchrun gives its workers
+(tests/helpers/forked_cli.py `run_ranks`: no launcher and no 4 s of imports per rank); the
+launch itself, `fct run --nproc 2` through torchrun, is run for real by
+`test_an_error_on_rank0_ends_every_rank_with_one_line` here and
+tests/e2e/test_transform_cli.py::test_torchrun_ranks_write_their_share.
 
 Tolerance of the end-to-end comparison (stated in docs/scale-out.md): mAP and mAP@R of every
 case within 8 points of the single-process record, top-1 and top-5 within 12, and the mean
@@ -13,21 +19,20 @@ process: mean 2.3). The exact check is the BatchNorm-free one below.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
+import forked_cli
 import pytest
 import torch
-from conftest import ROOT, fct_command, fct_env, run_fct, tiny_args
+from conftest import ROOT, fct_env, run_fct, tiny_args
 from safetensors.torch import load_file
 
-from fct.distributed import torchrun_command
+from fct.cli import main
 
-TESTS = Path(__file__).resolve().parents[1] / "helpers"
 TINY = ROOT / "fct" / "suites" / "tiny.toml"
+AUDIT = ROOT / "tests" / "helpers" / "write_audit" / "sitecustomize.py"
 METRICS = ("top1", "top5", "mAP", "mAP@R")
 
 
@@ -35,23 +40,16 @@ def test_ddp_training_equals_one_process(tmp_path):
     """BatchNorm-free model, no augmentation: 2 ranks x 16 == 1 process x 32, weights and
     all, across an interruption and resume (rank 0 broadcasts the optimizer state), and the
     sharded embeddings come back in order."""
-    worker = str(TESTS / "ddp_worker.py")
-    env = fct_env(PYTHONPATH=str(ROOT))
-    one = subprocess.run(
-        [sys.executable, worker, str(tmp_path / "one"), str(tmp_path / "cache1")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        torchrun_command(2, [worker, str(tmp_path / "two"), str(tmp_path / "cache2")]),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    import ddp_worker
+
+    def worker(name: str):
+        return lambda: ddp_worker.main(tmp_path / name, tmp_path / f"cache-{name}")
+
+    env = fct_env()
+    one = forked_cli.Forked(["ddp_worker"], tmp_path, env, target=worker("one"))
+    _, err = one.communicate(300)
+    assert one.returncode == 0, err[-3000:]
+    two = forked_cli.run_ranks(2, ["ddp_worker"], tmp_path, env, 300, target=worker("two"))
     assert two.returncode == 0, two.stderr[-3000:]
     ref = load_file(str(tmp_path / "one" / "rank0.safetensors"))
     r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
@@ -61,17 +59,9 @@ def test_ddp_training_equals_one_process(tmp_path):
         # The ranks hold identical weights (DDP), equal to one process's up to rounding.
         assert torch.equal(r0[k], r1[k]), k
         torch.testing.assert_close(r0[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
-    # Only rank 0 wrote the cache entry and the checkpoints (one of each, in cache2).
+    # Only rank 0 wrote the cache entry and the checkpoints (one of each, in cache-two).
     # (the worker itself asserts that the second train() resumed from epoch 2 on every rank)
-    assert len(list((tmp_path / "cache2" / "features").iterdir())) == 1
-
-
-def audited_env(root: Path, log: Path) -> dict[str, str]:
-    return fct_env(
-        PYTHONPATH=os.pathsep.join([str(TESTS / "write_audit"), str(ROOT)]),
-        FCT_AUDIT_ROOT=str(root),
-        FCT_AUDIT_LOG=str(log),
-    )
+    assert len(list((tmp_path / "cache-two" / "features").iterdir())) == 1
 
 
 @pytest.mark.parametrize(
@@ -172,32 +162,16 @@ def test_an_error_on_rank0_ends_every_rank_with_one_line(tmp_path):
     line, and no rank left waiting."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = subprocess.run(
-        fct_command(
-            "run",
-            "tiny",
-            "--device",
-            "cpu",
-            "--nproc",
-            "2",
-            "--out",
-            str(blocker / "out"),
-            "--cache",
-            str(tmp_path / "cache"),
-        ),
-        cwd=tmp_path,
-        env=fct_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # fct's own front end forked; the launch is real: torchrun and two fresh ranks.
+    args = ["run", "tiny", "--device", "cpu", "--nproc", "2", "--out", str(blocker / "out")]
+    proc = run_fct(*args, "--cache", str(tmp_path / "cache"), cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: cannot write to the results folder" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the 2-process run failed")
     assert not (tmp_path / "cache" / "models").exists()  # nothing trained
 
 
-def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_tiny):
+def test_a_query_set_apart_on_two_ranks_matches_one_process(tmp_path, clean_tiny):
     """A cache trained by one process is read by both ranks (nothing trains), and test queries
     against a train gallery ([eval] query_split / gallery_split), both sets embedded sharded
     by two ranks (the cached embeddings removed, the models kept), give every method the
@@ -213,7 +187,10 @@ def test_a_query_set_apart_under_torchrun_matches_one_process(tmp_path, clean_ti
         shutil.rmtree(cache / "features")  # every embedding is made again, sharded on 2 ranks
         out = tmp_path / f"out{nproc}"
         args = tiny_args(out, cache, "--no-plots", *(x for k in keys for x in ("--set", k)))
-        proc = run_fct(*args, "--nproc", nproc, cwd=tmp_path, timeout=600)
+        if nproc == "1":
+            proc = run_fct(*args, cwd=tmp_path, timeout=600)
+        else:
+            proc = forked_cli.run_ranks(2, args, tmp_path, fct_env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert "training " not in proc.stderr  # the models came from the cache
         outs[nproc] = out
@@ -244,11 +221,11 @@ new = { arch = "test_vit", epochs = 2 }
 """
 
 
-def test_a_suite_under_torchrun_matches_one_process_and_only_rank0_writes(tmp_path, clean_tiny):
-    """`fct run --nproc 2` on tiny plus a BatchNorm-free scenario, in one launch.
+def test_a_suite_on_two_ranks_matches_one_process_and_only_rank0_writes(tmp_path, clean_tiny):
+    """`fct run` on two ranks on tiny plus a BatchNorm-free scenario, in one launch.
 
-    Only rank 0 writes (rank 1 and the launcher write nothing under the run's folder: a write
-    audit loaded at interpreter start-up). tiny's records equal the one-process clean run's
+    Only rank 0 writes (rank 1 writes nothing under the run's folder: a write audit installed
+    in each rank before fct starts). tiny's records equal the one-process clean run's
     within the tolerance above (BatchNorm sees half batches). The BatchNorm-free scenario is the
     exact check, against the same scenario run in one process: not bit for bit in the weights
     (DDP sums the two ranks' gradients, another order of float additions than one process's
@@ -268,20 +245,21 @@ def test_a_suite_under_torchrun_matches_one_process_and_only_rank0_writes(tmp_pa
     out, cache = root / "out", root / "cache"
     args = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--device", "cpu"]
     args.append("--no-plots")
-    proc = subprocess.run(
-        fct_command(*args, "--nproc", "2"),
-        cwd=tmp_path,
-        env=audited_env(root, log),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def audited() -> int:
+        spec = importlib.util.spec_from_file_location("write_audit", AUDIT)
+        audit = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(audit)
+        audit.install(root, log)  # this rank's writes, from here on
+        return main(args)
+
+    proc = forked_cli.run_ranks(2, args, tmp_path, fct_env(), timeout=600, target=audited)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "x 2 processes" in proc.stderr and "2 shards" in proc.stderr
     assert "items/s over 2 processes" in proc.stderr  # the per-epoch throughput line
     assert "kNN evaluation: torch backend on the CPU" in proc.stderr
 
-    # Only one process wrote: rank 0. Rank 1 and the launcher wrote nothing under root.
+    # Only one process wrote: rank 0. Rank 1 wrote nothing under root.
     writers = {p.name.split(".")[1] for p in log.glob("writes.*.txt")}
     assert writers == {"0"}, sorted(log.glob("writes.*.txt"))
     written = (log / next(p.name for p in log.glob("writes.0.*.txt"))).read_text()

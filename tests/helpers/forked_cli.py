@@ -23,12 +23,13 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: The registries as a fresh interpreter has them: (registry, its entries), from
@@ -58,8 +59,16 @@ def _forget_plugins() -> None:
         del sys.modules[name]
 
 
-def _child(argv: Sequence[str], cwd: Path, env: dict[str, str], out_fd: int, err_fd: int) -> int:
-    """In the forked child: become `python -m fct ARGV`; returns the exit status."""
+def _child(
+    argv: Sequence[str],
+    cwd: Path,
+    env: dict[str, str],
+    out_fd: int,
+    err_fd: int,
+    target: Callable[[], int | None] | None = None,
+) -> int:
+    """In the forked child: become `python -m fct ARGV` (or run ``target``, a program's
+    ``main``, in a process set up alike); returns the exit status."""
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out_fd, 1)
@@ -96,7 +105,7 @@ def _child(argv: Sequence[str], cwd: Path, env: dict[str, str], out_fd: int, err
     from fct.cli import main
 
     try:
-        code = main(list(argv))
+        code = target() if target is not None else main(list(argv))
     except SystemExit as e:
         code = e.code
     if code is None:
@@ -117,6 +126,7 @@ class Forked:
         env: dict[str, str],
         stdout: int | None = subprocess.PIPE,
         stderr: int | None = subprocess.PIPE,
+        target: Callable[[], int | None] | None = None,
     ) -> None:
         self.args = ["fct", *argv]
         self.returncode: int | None = None
@@ -137,7 +147,8 @@ class Forked:
                 for r, _ in pipes.values():
                     if r is not None:
                         os.close(r)
-                code = _child(argv, Path(cwd), env, pipes["stdout"][1], pipes["stderr"][1])
+                out_fd, err_fd = pipes["stdout"][1], pipes["stderr"][1]
+                code = _child(argv, Path(cwd), env, out_fd, err_fd, target)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -182,30 +193,40 @@ class Forked:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Read both pipes to the end (two threads: neither can fill up and block the child)."""
+    def drain(self) -> Callable[[], tuple[str, str]]:
+        """Start reading both pipes to the end (a thread each: neither can fill up and block
+        the child); returns what joins the readers and gives (stdout, stderr)."""
         texts: dict[str, str] = {}
 
-        def drain(name: str) -> None:
+        def read(name: str) -> None:
             stream = getattr(self, name)
             texts[name] = stream.read() if stream is not None else ""
             if stream is not None:
                 stream.close()
 
         readers = [
-            threading.Thread(target=drain, args=(n,), daemon=True) for n in ("stdout", "stderr")
+            threading.Thread(target=read, args=(n,), daemon=True) for n in ("stdout", "stderr")
         ]
         for t in readers:
             t.start()
+
+        def join() -> tuple[str, str]:
+            for t in readers:
+                t.join()
+            return texts["stdout"], texts["stderr"]
+
+        return join
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Read both pipes to the end while waiting for the child."""
+        join = self.drain()
         try:
             self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             self.wait()
             raise
-        for t in readers:
-            t.join()
-        return texts["stdout"], texts["stderr"]
+        return join()
 
 
 def run(
@@ -215,3 +236,69 @@ def run(
     proc = Forked(argv, cwd, env)
     out, err = proc.communicate(timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(
+    nproc: int,
+    argv: Sequence[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    target: Callable[[], int | None] | None = None,
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC -m fct ARGV` with forked ranks.
+
+    Each rank is a `Forked` child with the variables torchrun gives its workers (RANK,
+    LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, a rendezvous on a free local port,
+    TORCHELASTIC_RUN_ID), so fct's process group forms as under torchrun (gloo on the CPU).
+    As torchrun does, the first rank to fail ends the others. Returns one completed process
+    for the launch: the exit status of the first rank seen failing (else 0), and every rank's
+    stdout and stderr in rank order. ``target`` runs instead of fct's main, as in `Forked`.
+
+    What this leaves out, the launcher itself (`fct run --nproc`, torchrun's agent), is run
+    for real by the tests that keep `torchrun` (docs/testing.md).
+    """
+    port = _free_port()
+    ranks = []
+    for rank in range(nproc):
+        rank_env = dict(env)
+        rank_env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            GROUP_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            TORCHELASTIC_RUN_ID=f"forked-{port}",
+        )
+        ranks.append(Forked(argv, cwd, rank_env, target=target))
+    joins = [proc.drain() for proc in ranks]
+    end = time.monotonic() + timeout
+    failed = None
+    try:
+        while None in [proc.poll() for proc in ranks]:  # every rank polled, every time
+            if failed is None:
+                failed = next((p for p in ranks if p.returncode not in (None, 0)), None)
+                if failed is not None:  # torchrun stops the group when one worker fails
+                    for proc in ranks:
+                        proc.kill()
+            if time.monotonic() > end:
+                raise subprocess.TimeoutExpired(["torchrun", *ranks[0].args], timeout)
+            time.sleep(0.01)
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    texts = [join() for join in joins]
+    if failed is None:
+        failed = next((p for p in ranks if p.returncode != 0), None)
+    code = 0 if failed is None else failed.returncode
+    out, err = ("".join(t[i] for t in texts) for i in (0, 1))
+    return subprocess.CompletedProcess(["torchrun", *ranks[0].args], code, out, err)

@@ -1,24 +1,29 @@
-"""Test-only: log every file-system write under $FCT_AUDIT_ROOT, per process.
+"""Test-only: log every file-system write under a folder, per process.
 
-tests/e2e/test_distributed.py puts this folder on PYTHONPATH, so Python imports it at start-up in
-the torchrun launcher and in every rank. Each write-like audit event (open for writing,
-rename/replace, mkdir, remove, rmdir, rmtree) on a path under FCT_AUDIT_ROOT is appended to
-$FCT_AUDIT_LOG/writes.<RANK or launcher>.<pid>.txt (that folder must be outside the root).
+With this folder on PYTHONPATH, Python imports it at start-up and, when $FCT_AUDIT_ROOT and
+$FCT_AUDIT_LOG are set, it audits that interpreter (tests/e2e/test_fuzz_inputs.py's real-CLI
+cases); tests/e2e/test_distributed.py loads it by path and calls ``install`` in each forked rank.
+Each write-like audit event (open for writing, rename/replace, mkdir, remove, rmdir, rmtree) on
+a path under the root is appended to ``LOG/writes.<RANK or launcher>.<pid>.txt`` (the log folder
+must be outside the root).
 """
+
+from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-_ROOT = os.environ.get("FCT_AUDIT_ROOT")
-_LOG = os.environ.get("FCT_AUDIT_LOG")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _EVENTS = {"os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"}
 
 
-def _install() -> None:
-    root = os.path.realpath(_ROOT)
+def install(root: Path, log: Path) -> None:
+    """Audit this process's writes under ``root`` from now on (an audit hook cannot be
+    removed: call it in a process of its own)."""
+    root_path = os.path.realpath(root)
     name = f"writes.{os.environ.get('RANK', 'launcher')}.{os.getpid()}.txt"
-    log_path = os.path.join(_LOG, name)
+    log_path = os.path.join(log, name)
     busy = []
 
     def under_root(path) -> bool:
@@ -26,7 +31,7 @@ def _install() -> None:
             p = os.path.realpath(os.fsdecode(path))
         except (TypeError, ValueError):
             return False
-        return p == root or p.startswith(root + os.sep)
+        return p == root_path or p.startswith(root_path + os.sep)
 
     def hook(event, args):
         if busy:
@@ -56,5 +61,5 @@ def _install() -> None:
     sys.addaudithook(hook)
 
 
-if _ROOT and _LOG:
-    _install()
+if os.environ.get("FCT_AUDIT_ROOT") and os.environ.get("FCT_AUDIT_LOG"):
+    install(Path(os.environ["FCT_AUDIT_ROOT"]), Path(os.environ["FCT_AUDIT_LOG"]))
