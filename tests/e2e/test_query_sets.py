@@ -35,18 +35,16 @@ def brute(q, ql, g, gl) -> dict:
         [b.numpy().copy() for _, b in distance_blocks(q.float().numpy(), g.float().numpy())]
     )
     ql, gl = ql.numpy(), gl.numpy()
-    hits, scored, ap = np.zeros(len(q), bool), np.zeros(len(q), bool), []
-    for i in range(len(q)):
-        rel = gl == ql[i]
-        if not rel.any():
-            continue
-        d = d_all[i]
-        scored[i] = True
-        hits[i] = rel[np.argsort(d, kind="stable")[0]]
-        ap.append(average_precision_score(rel, -d))
+    rel = gl[None, :] == ql[:, None]
+    scored = rel.any(axis=1)
+    hits = np.zeros(len(q), bool)
+    for i in np.flatnonzero(scored):
+        hits[i] = rel[i, np.argsort(d_all[i], kind="stable")[0]]
+    # scikit-learn's AP of each scored query (one row each), averaged over them.
+    m_ap = average_precision_score(rel[scored], -d_all[scored], average="samples")
     return {
         "top1": 100 * hits[scored].mean(),
-        "mAP": 100 * np.mean(ap),
+        "mAP": 100 * m_ap,
         "n_query": int(scored.sum()),
         "n_skipped": int((~scored).sum()),
         "hits": hits,
