@@ -178,6 +178,10 @@ def _closer_counts(
     return lt, le
 
 
+#: Elements of the (groups x gallery) comparison made at once in _negative_ties_before.
+TIE_CHUNK_ELEMENTS = 1 << 22
+
+
 def _negative_ties_before(
     dist: torch.Tensor,
     rows: torch.Tensor,
@@ -189,15 +193,37 @@ def _negative_ties_before(
 ) -> torch.Tensor:
     """For (row, positive) pairs whose distance ties a negative's: count the tied negatives
     (gallery label != ``row_labels``) with a smaller gallery index (they rank first under the
-    stable order). A few per block on real-valued data, so a direct comparison is fine."""
+    stable order).
+
+    The pairs of one row at one distance share their tied negatives, so each such group is
+    compared with its row once, and a running count of those negatives in original gallery
+    order answers every positive of the group: work in (rows x distinct tied distances x
+    gallery), not (pairs x gallery). A few pairs per block on real-valued data; many on
+    quantised or duplicated embeddings, where the groups are few.
+    """
     out = torch.zeros(len(rows), dtype=torch.long)
-    step = max(1, (1 << 24) // max(1, dist.shape[1]))
-    for s in range(0, len(rows), step):
-        r = rows[s : s + step]
-        hit = dist[r] == values[s : s + step, None]
-        hit &= gallery_labels[None, :] != row_labels[s : s + step, None]
-        hit &= gallery_orig[None, :] < pos_orig[s : s + step, None]
-        out[s : s + step] = hit.sum(1)
+    if not len(rows):
+        return out
+    # A group per (row, distance), the distance by its float32 bits (+ 0.0: -0.0 becomes 0.0,
+    # which compares equal to it).
+    bits = (values.float() + 0.0).contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    groups, inv = torch.unique(rows.long() << 32 | bits, return_inverse=True)
+    g_rows = groups >> 32
+    low = groups & 0xFFFFFFFF
+    g_values = torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32).view(torch.float32)
+    g_labels = torch.empty(len(groups), dtype=row_labels.dtype)
+    g_labels[inv] = row_labels  # one query per row: the same label for a group's pairs
+    by_orig = torch.argsort(gallery_orig)  # the column of each original gallery index
+    step = max(1, TIE_CHUNK_ELEMENTS // max(1, dist.shape[1]))
+    for s in range(0, len(groups), step):
+        hit = dist[g_rows[s : s + step]] == g_values[s : s + step, None]
+        hit &= gallery_labels[None, :] != g_labels[s : s + step, None]
+        # tied negatives with an original index <= i, for every i
+        upto = hit[:, by_orig].to(torch.int32).cumsum(1, dtype=torch.int32)
+        pairs = ((inv >= s) & (inv < s + step)).nonzero().squeeze(1)
+        before = pos_orig[pairs]  # count those with an original index < the positive's
+        counts = upto[inv[pairs] - s, (before - 1).clamp_min(0)]
+        out[pairs] = torch.where(before > 0, counts, 0).long()
     return out
 
 

@@ -308,3 +308,37 @@ def test_gemm_libraries_agree_on_real_valued_data(monkeypatch):
     b = evaluate(FeatureSet(x, y))
     for key in ("top1", "top5", "mAP", "mAP@R"):
         assert abs(a[key] - b[key]) < 1e-6 * 100, key
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 50, 1])
+def test_tied_negatives_before_each_positive_match_a_loop(monkeypatch, chunk):
+    """fct.metrics._negative_ties_before (the stable order's tie-break between a positive and
+    the negatives at its distance) against a plain loop, on distances with few values (-0.0
+    among them, equal to 0.0), in one chunk, a few rows per chunk, and one row per chunk."""
+    monkeypatch.setattr(metrics, "TIE_CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(5)
+    b, n = 30, 50
+    dist = rng.integers(0, 4, (b, n)).astype(np.float32)
+    dist[rng.random((b, n)) < 0.1] = -0.0
+    orig = rng.permutation(n)  # the original gallery index of each column
+    labels = rng.integers(0, 3, n)
+    row_labels = rng.integers(0, 3, b)
+    r, c = np.nonzero(labels[None, :] == row_labels[:, None])  # every (row, positive) pair
+    want = [
+        sum(
+            dist[i, j] == dist[i, k] and labels[j] != row_labels[i] and orig[j] < orig[k]
+            for j in range(n)
+        )
+        for i, k in zip(r, c, strict=True)
+    ]
+    got = metrics._negative_ties_before(
+        torch.from_numpy(dist),
+        torch.from_numpy(r),
+        torch.from_numpy(dist[r, c]),
+        torch.from_numpy(orig[c]),
+        torch.from_numpy(orig),
+        torch.from_numpy(labels),
+        torch.from_numpy(row_labels[r]),
+    )
+    assert got.tolist() == want
+    assert sum(want) > len(want)  # ties with negatives everywhere, not a trivial case
