@@ -38,7 +38,7 @@ def test_export_then_run_the_written_suite(tmp_path, capsys):
     results = tmp_path / "results"
     code = main(
         ["run", str(out / "suite.toml"), "--methods", "independent,affine,fct_side",
-         "--out", str(results), "--cache", str(cache), "--device", "cpu"]
+         "--out", str(results), "--cache", str(cache), "--device", "cpu", "--no-plots"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     recs = {p.stem: json.loads(p.read_text()) for p in (results / "runs").rglob("*.json")}

@@ -70,6 +70,7 @@ def probe_run(tmp_path_factory):
     plugin = _plugin(base, "hour_probe")
     out, cache = base / "out", base / "cache"
     args = tiny_args(out, cache, "--plugin", str(plugin), "--methods", "independent,hour_probe")
+    args.append("--no-plots")
     assert main(args) == 0
     return base, out, cache, plugin, args
 
@@ -149,6 +150,7 @@ def test_refused_and_failing_pairs_do_not_stop_the_suite(tmp_path, capsys):
             "scenario.half-classes.new.embedding_dim=16",
             "--methods",
             "independent,pair_probe_boom,fct",
+            "--no-plots",
         )
     )
     err = capsys.readouterr().err.strip().splitlines()

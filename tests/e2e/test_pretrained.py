@@ -63,6 +63,7 @@ def test_given_old_weights_train_nothing_and_give_the_same_records(tmp_path, tra
     suite = suite_with(tmp_path, "defaults.old", 'weights = "weights/old.safetensors"')
     out, cache = tmp_path / "given", tmp_path / "cache-given"
     args = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+    args.append("--no-plots")
     proc = run_fct(*args, *METHODS, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"training models/{OLD} " not in proc.stderr

@@ -138,6 +138,7 @@ def test_a_query_set_apart_matches_a_brute_force_loop(
     out = tmp_path / "out"
     code = main(
         ["run", str(suite), "--out", str(out), "--cache", str(shared_cache), "--device", "cpu"]
+        + ["--no-plots"]  # the records against the brute force; plots are tested elsewhere
     )
     assert code == 0
     recs = check_against_brute_force(str(suite), out, shared_cache)
@@ -203,6 +204,7 @@ def test_fake_fashion_mnist_test_queries_against_the_train_gallery(tmp_path, one
     suite.write_text(FASHION_SUITE)
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["run", str(suite), "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+    argv.append("--no-plots")
     assert main([*argv, "--data-root", str(root)]) == 0
     recs = check_against_brute_force(str(suite), out, cache, data_root=str(root))
     cross = recs[("split-queries", "fct")]["cases"]["cross"]

@@ -131,7 +131,8 @@ def test_rerun_trains_nothing_and_keeps_records(tiny_run, caplog):
     out, cache = tiny_run
     before = {k: v["provenance"]["date"] for k, v in records(out).items()}
     caplog.set_level("INFO")
-    assert main(["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]) == 0
+    argv = ["run", "tiny", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
+    assert main([*argv, "--no-plots"]) == 0
     assert "training" not in caplog.text
     assert caplog.text.count("up to date") == 4
     assert {k: v["provenance"]["date"] for k, v in records(out).items()} == before
@@ -154,6 +155,7 @@ def test_method_subset_and_force_rerun(tiny_run, caplog):
                 "--force",
                 "--device",
                 "cpu",
+                "--no-plots",
             ]
         )
         == 0
@@ -180,6 +182,7 @@ def test_example_plugin_runs(tiny_run, capsys):
                 "linear_map",
                 "--device",
                 "cpu",
+                "--no-plots",
             ]
         )
         == 0

@@ -34,6 +34,7 @@ def run(capsys, suite: Path, *more: str) -> tuple[int, str]:
             str(suite.parent / "cache"),
             "--device",
             "cpu",
+            "--no-plots",  # the records; plots are tested on tiny and in the report tests
             *more,
         ]
     )

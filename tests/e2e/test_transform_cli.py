@@ -141,7 +141,8 @@ def test_an_adapter_fitted_by_fct_run_is_listed_and_transforms_a_gallery(tmp_pat
         ),
     )
     cache = str(tmp_path / "cache")
-    ran = run_fct("run", str(suite), "--out", str(tmp_path / "res"), "--cache", cache, cwd=tmp_path)
+    res = str(tmp_path / "res")
+    ran = run_fct("run", str(suite), "--out", res, "--cache", cache, "--no-plots", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
     listed = run_fct("list", "transformations", "--cache", cache, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr

@@ -119,6 +119,7 @@ def test_curves_can_be_switched_off_per_scenario(tmp_path):
                 str(tmp_path / "c"),
                 "--device",
                 "cpu",
+                "--no-plots",
             ]
         )
         == 0
