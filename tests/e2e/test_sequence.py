@@ -19,12 +19,16 @@ from fct.artifacts import Cache
 from fct.context import Context
 from fct.embedding import apply_transformation
 from fct.record import RunRecord
-from fct.scenarios import load_suite
+from fct.scenarios import load_suite, parse_set
 from fct.sequence import step_scenario
 from fct.session import Role
 
 SCENARIO = "three-generations"
 METHODS = ("independent", "bct", "bct_first", "fct", "fct_side")
+# Shorter training than the suite's (the wiring is checked, not the numbers): every model one
+# epoch, h two. Every run and suite loaded here uses them, so they share the cache.
+SHORT = ("defaults.model.epochs=1", "defaults.side.epochs=1", "defaults.transformation.epochs=2")
+SHORT_ARGS = [x for key in SHORT for x in ("--set", key)]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def seq_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq")
     out, cache = root / "out", root / "cache"
     args = ["run", "tiny_sequence", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
-    proc = run_fct(*args, cwd=root)
+    proc = run_fct(*args, *SHORT_ARGS, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = {m: json.loads((out / "runs" / SCENARIO / f"{m}.json").read_text()) for m in METHODS}
     return out, cache, recs
@@ -122,7 +126,8 @@ def _brute_top1(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) ->
 
 def test_chained_fct_is_h01_then_h12_on_the_cached_embeddings(seq_run):
     _, cache, recs = seq_run
-    sc = next(s for s in load_suite("tiny_sequence").scenarios if s.name == SCENARIO)
+    suite = load_suite("tiny_sequence", overrides=parse_set(list(SHORT)))
+    sc = next(s for s in suite.scenarios if s.name == SCENARIO)
     c = Cache(cache)
     ctx0 = Context(step_scenario(sc, 0, 1), c, device=torch.device("cpu"))
     m0, m1 = ctx0.old_model(), ctx0.new_model()
@@ -172,6 +177,7 @@ def test_a_query_set_apart_runs_the_whole_chain(seq_run, tmp_path):
     args = ["run", "tiny_sequence", "--out", str(out), "--cache", str(cache), "--device", "cpu"]
     args += ["--set", 'defaults.eval.query_split="test"']
     args += ["--set", 'defaults.eval.gallery_split="train"', "--methods", "independent,fct"]
+    args += SHORT_ARGS
     proc = run_fct(*args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training " not in proc.stderr  # every model came from the cache
