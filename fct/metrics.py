@@ -204,13 +204,12 @@ def _negative_ties_before(
     out = torch.zeros(len(rows), dtype=torch.long)
     if not len(rows):
         return out
-    # A group per (row, distance), the distance by its float32 bits (+ 0.0: -0.0 becomes 0.0,
-    # which compares equal to it).
-    bits = (values.float() + 0.0).contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    # A group per (row, distance): the distance by its float32 bits in the key's low half.
+    bits = values.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
     groups, inv = torch.unique(rows.long() << 32 | bits, return_inverse=True)
     g_rows = groups >> 32
-    low = groups & 0xFFFFFFFF
-    g_values = torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32).view(torch.float32)
+    g_values = torch.empty(len(groups), dtype=torch.float32)
+    g_values[inv] = values.float()
     g_labels = torch.empty(len(groups), dtype=row_labels.dtype)
     g_labels[inv] = row_labels  # one query per row: the same label for a group's pairs
     by_orig = torch.argsort(gallery_orig)  # the column of each original gallery index
@@ -221,9 +220,8 @@ def _negative_ties_before(
         # tied negatives with an original index <= i, for every i
         upto = hit[:, by_orig].to(torch.int32).cumsum(1, dtype=torch.int32)
         pairs = ((inv >= s) & (inv < s + step)).nonzero().squeeze(1)
-        before = pos_orig[pairs]  # count those with an original index < the positive's
-        counts = upto[inv[pairs] - s, (before - 1).clamp_min(0)]
-        out[pairs] = torch.where(before > 0, counts, 0).long()
+        # <= the positive's own index is < it: the positive is no negative
+        out[pairs] = upto[inv[pairs] - s, pos_orig[pairs]].long()
     return out
 
 
