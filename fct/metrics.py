@@ -213,13 +213,16 @@ def _negative_ties_before(
     g_labels = torch.empty(len(groups), dtype=row_labels.dtype)
     g_labels[inv] = row_labels  # one query per row: the same label for a group's pairs
     by_orig = torch.argsort(gallery_orig)  # the column of each original gallery index
+    by_group = torch.argsort(inv)  # the pairs in group order: a chunk's pairs are a slice
     step = max(1, TIE_CHUNK_ELEMENTS // max(1, dist.shape[1]))
-    for s in range(0, len(groups), step):
+    starts = torch.arange(0, len(groups) + step, step)
+    bounds = torch.searchsorted(inv[by_group], starts).tolist()
+    for k, s in enumerate(starts[:-1].tolist()):
         hit = dist[g_rows[s : s + step]] == g_values[s : s + step, None]
         hit &= gallery_labels[None, :] != g_labels[s : s + step, None]
         # tied negatives with an original index <= i, for every i
         upto = hit[:, by_orig].to(torch.int32).cumsum(1, dtype=torch.int32)
-        pairs = ((inv >= s) & (inv < s + step)).nonzero().squeeze(1)
+        pairs = by_group[bounds[k] : bounds[k + 1]]
         # <= the positive's own index is < it: the positive is no negative
         out[pairs] = upto[inv[pairs] - s, pos_orig[pairs]].long()
     return out

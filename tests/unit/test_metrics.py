@@ -310,11 +310,12 @@ def test_gemm_libraries_agree_on_real_valued_data(monkeypatch):
         assert abs(a[key] - b[key]) < 1e-6 * 100, key
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 50, 1])
+@pytest.mark.parametrize("chunk", [1 << 22, 250, 1])
 def test_tied_negatives_before_each_positive_match_a_loop(monkeypatch, chunk):
     """fct.metrics._negative_ties_before (the stable order's tie-break between a positive and
     the negatives at its distance) against a plain loop, on distances with few values (-0.0
-    among them, equal to 0.0), in one chunk, a few rows per chunk, and one row per chunk."""
+    among them, equal to 0.0), in one chunk, five (row, distance) groups per chunk (a gallery
+    of 50), and one group per chunk."""
     monkeypatch.setattr(metrics, "TIE_CHUNK_ELEMENTS", chunk)
     rng = np.random.default_rng(5)
     b, n = 30, 50
