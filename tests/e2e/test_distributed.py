@@ -46,9 +46,8 @@ def test_ddp_training_equals_one_process(tmp_path):
         return lambda: ddp_worker.main(tmp_path / name, tmp_path / f"cache-{name}")
 
     env = fct_env()
-    one = forked_cli.Forked(["ddp_worker"], tmp_path, env, target=worker("one"))
-    _, err = one.communicate(300)
-    assert one.returncode == 0, err[-3000:]
+    one = forked_cli.run(["ddp_worker"], tmp_path, env, 300, target=worker("one"))
+    assert one.returncode == 0, one.stderr[-3000:]
     two = forked_cli.run_ranks(2, ["ddp_worker"], tmp_path, env, 300, target=worker("two"))
     assert two.returncode == 0, two.stderr[-3000:]
     ref = load_file(str(tmp_path / "one" / "rank0.safetensors"))

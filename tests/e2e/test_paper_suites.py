@@ -47,7 +47,9 @@ OWN_ARCH = {"imagenet": ("imagenet-r50-to-vit", "imagenet-r50-to-convnext")}
 def test_paper_suite_smoke_end_to_end(suite, tmp_path):
     data, out, cache = tmp_path / "data", tmp_path / "out", tmp_path / "cache"
     fabricate(suite, data)
-    own = [("--set", f'scenario.{name}.new.arch="resnet18"') for name in OWN_ARCH.get(suite, ())]
+    own = [
+        x for n in OWN_ARCH.get(suite, ()) for x in ("--set", f'scenario.{n}.new.arch="resnet18"')
+    ]
     code = main(
         [
             "run",
@@ -56,7 +58,7 @@ def test_paper_suite_smoke_end_to_end(suite, tmp_path):
             "--no-plots",  # the wiring: plots are tested on tiny and in the report tests
             "--set",
             'defaults.model.arch="resnet18"',  # see the top of this file
-            *(x for pair in own for x in pair),
+            *own,
             "--data-root",
             str(data),
             "--out",

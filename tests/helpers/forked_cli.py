@@ -230,10 +230,15 @@ class Forked:
 
 
 def run(
-    argv: Sequence[str], cwd: Path, env: dict[str, str], timeout: float
+    argv: Sequence[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    target: Callable[[], int | None] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`fct ARGV` to completion in a forked child; stdout and stderr captured as text."""
-    proc = Forked(argv, cwd, env)
+    """`fct ARGV` (or ``target``, as in `Forked`) to completion in a forked child; stdout and
+    stderr captured as text."""
+    proc = Forked(argv, cwd, env, target=target)
     out, err = proc.communicate(timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
